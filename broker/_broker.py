@@ -1,0 +1,285 @@
+"""The broker: a registry of session actors inside one Trio nursery.
+
+Theory of operation
+-------------------
+``open_broker(data_dir)`` opens a nursery and yields a Broker.  The broker
+starts a session's actor lazily, the first time the session is used, and forgets
+it when the actor exits (idle, deleted, or on shutdown).  Every write goes to
+the actor's mailbox; every read goes straight to the actor's published state
+(see _session.py).  On leaving the ``async with``, each actor's mailbox is
+closed: it finishes the commands already queued, syncs, closes its files and
+exits, and the nursery closes.
+
+On disk::
+
+    data_dir/
+      LOCK               held with flock while a broker has the directory open
+      broker.json        the next epoch number
+      sessions/<name>/   one directory per session (names escaped, see _meta.py)
+
+An *epoch* is drawn from ``broker.json`` each time a session is created, so a
+session deleted and created again under the same name never reuses one.  The
+counter is made durable before the session that uses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import _core
+from ._config import BrokerConfig
+from ._errors import BrokerClosed, BrokerError, EpochChanged, OffsetOutOfRange, SessionDeleted
+from ._files import FileCache, write_atomic
+from ._meta import check_name, dir_name
+from ._session import NOW, START, SessionActor, SessionInfo
+
+__all__ = ["Broker", "Subscription", "open_broker"]
+
+
+class Broker:
+    """A broker on one data directory. Make it with ``open_broker``."""
+
+    def __init__(self, data_dir: str, config: BrokerConfig, nursery: trio.Nursery) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.config = config
+        self._nursery = nursery
+        self._sessions_dir = os.path.join(self.data_dir, "sessions")
+        self._files = FileCache(config.max_open_files)
+        self._actors: dict[str, SessionActor] = {}
+        self._closed = False
+        self._state_path = os.path.join(self.data_dir, "broker.json")
+        try:
+            with open(self._state_path, "rb") as f:
+                self._next_epoch = int(json.load(f)["next_epoch"])
+        except FileNotFoundError:
+            self._next_epoch = 1
+
+    # ------------------------------------------------------------- actors
+
+    @property
+    def active_sessions(self) -> int:
+        """Sessions with a live actor right now."""
+        return len(self._actors)
+
+    @property
+    def open_files(self) -> int:
+        """Descriptors held by the broker's file cache."""
+        return len(self._files)
+
+    def _new_epoch(self) -> int:
+        epoch = self._next_epoch
+        write_atomic(self._state_path,
+                     json.dumps({"format": 1, "next_epoch": epoch + 1}).encode())
+        self._next_epoch = epoch + 1
+        return epoch
+
+    def _forget(self, actor: SessionActor) -> None:
+        if self._actors.get(actor.name) is actor:
+            del self._actors[actor.name]
+
+    async def _actor(self, name: str) -> SessionActor:
+        if self._closed:
+            raise BrokerClosed()
+        actor = self._actors.get(name)
+        if actor is None:
+            check_name(name)
+            actor = SessionActor(name, os.path.join(self._sessions_dir, dir_name(name)),
+                                 self._files, self.config, self._new_epoch, self._forget)
+            self._actors[name] = actor
+            await self._nursery.start(actor.run)
+        else:
+            await actor.ready.wait()
+            if actor.start_error is not None:
+                raise actor.start_error
+        return actor
+
+    async def _call(self, name: str, kind: str, arg: Any = None) -> Any:
+        while True:
+            actor = await self._actor(name)
+            try:
+                return await actor.call(kind, arg)
+            except trio.ClosedResourceError:
+                continue    # the actor exited between lookup and send: use a new one
+
+    # ----------------------------------------------------------- sessions
+
+    async def create(self, name: str, *, content_type: str = "application/octet-stream",
+                     ttl_s: float | None = None, expires_at: float | None = None,
+                     extra: dict[str, Any] | None = None) -> tuple[SessionInfo, bool]:
+        """Create a session; return (info, created).
+
+        Creating a session that exists with the same content type, TTL and
+        expiry returns it with ``created`` False; any difference raises
+        SessionExists.
+        """
+        return await self._call(name, "create", {
+            "content_type": content_type, "ttl_s": ttl_s, "expires_at": expires_at,
+            "extra": extra or {}})
+
+    async def append(self, name: str, payload: bytes) -> int:
+        """Append one record; return its offset once durable per the fsync policy."""
+        return (await self._call(name, "append", (payload,))).start
+
+    async def append_many(self, name: str, payloads: Sequence[bytes]) -> range:
+        """Append records atomically as one run of consecutive offsets."""
+        return await self._call(name, "append", list(payloads))
+
+    async def info(self, name: str) -> SessionInfo:
+        actor = await self._actor(name)
+        return actor.info()
+
+    async def close_session(self, name: str) -> SessionInfo:
+        """Refuse further appends; readers finish once they reach the end."""
+        return await self._call(name, "close")
+
+    async def delete(self, name: str) -> None:
+        """Remove the session and its files. Its readers get SessionDeleted."""
+        await self._call(name, "delete")
+
+    async def set_extra(self, name: str, changes: dict[str, Any]) -> SessionInfo:
+        """Merge ``changes`` into the session's durable ``extra`` metadata."""
+        return await self._call(name, "set_extra", changes)
+
+    async def read(self, name: str, offset: int = START, *, max_records: int | None = None,
+                   max_bytes: int | None = None) -> _core.Batch:
+        """Durable records from ``offset`` (or START, NOW); empty at the end."""
+        actor = await self._actor(name)
+        return actor.read(actor.resolve(offset), max_records or self.config.max_batch_records,
+                          max_bytes or self.config.max_batch_bytes)
+
+    @asynccontextmanager
+    async def subscribe(self, name: str, offset: int = START, *,
+                        epoch: int | None = None) -> AsyncIterator[Subscription]:
+        """A cursor on the session from ``offset``: see Subscription."""
+        actor = await self._actor(name)
+        info = actor.info()
+        if epoch is not None and epoch != info.epoch:
+            raise EpochChanged(name, epoch, info.epoch)
+        start = actor.resolve(offset)
+        if start > actor.committed:
+            raise OffsetOutOfRange(start, actor.committed)
+        sub = Subscription(self, actor, start, info.epoch)
+        try:
+            yield sub
+        finally:
+            sub._release()
+
+    async def follow(self, name: str, offset: int = START) -> AsyncIterator[_core.Batch]:
+        """Every batch from ``offset`` on, live; ends when the session is closed."""
+        async with self.subscribe(name, offset) as sub:
+            async for batch in sub:
+                yield batch
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        for actor in list(self._actors.values()):
+            actor._send.close()
+
+
+class Subscription:
+    """A reader's cursor: an offset and a wait, never a queue.
+
+    ``next()`` returns the next batch after ``offset`` and advances it.  At the
+    end of the session it waits for more, unless ``wait=False``.  Iterating
+    yields batches until the session is closed and fully read.
+    """
+
+    def __init__(self, broker: Broker, actor: SessionActor, offset: int, epoch: int) -> None:
+        self.name = actor.name
+        self.offset = offset            # next offset to read
+        self.epoch = epoch              # the incarnation this cursor belongs to
+        self._broker = broker
+        self._actor: SessionActor | None = actor
+        actor.readers += 1
+
+    def _release(self) -> None:
+        if self._actor is not None:
+            self._actor.readers -= 1
+            self._actor = None
+
+    async def _live_actor(self) -> SessionActor:
+        actor = self._actor
+        if actor is not None and not actor.exited:
+            return actor
+        self._release()
+        actor = await self._broker._actor(self.name)
+        actor.readers += 1
+        self._actor = actor
+        return actor
+
+    def _check(self, actor: SessionActor) -> None:
+        meta = actor.meta
+        if meta is None:
+            raise SessionDeleted(self.name)
+        if meta.epoch != self.epoch:
+            raise EpochChanged(self.name, self.epoch, meta.epoch)
+
+    @property
+    def up_to_date(self) -> bool:
+        """True when the cursor has read everything durable so far."""
+        return self._actor is not None and self.offset >= self._actor.committed
+
+    @property
+    def finished(self) -> bool:
+        """True when the session is closed and the cursor has read all of it."""
+        a = self._actor
+        return (a is not None and a.meta is not None and a.meta.closed
+                and self.offset >= a.committed)
+
+    async def next(self, *, max_records: int | None = None, max_bytes: int | None = None,
+                   wait: bool = True) -> _core.Batch:
+        cfg = self._broker.config
+        while True:
+            actor = await self._live_actor()
+            self._check(actor)
+            changed = actor.changed
+            batch = actor.read(self.offset, max_records or cfg.max_batch_records,
+                               max_bytes or cfg.max_batch_bytes)
+            if batch:
+                self.offset = batch.next_offset
+                return batch
+            if not wait or self.finished:
+                return batch
+            await changed.wait()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> _core.Batch:
+        batch = await self.next()
+        if not batch:
+            raise StopAsyncIteration
+        return batch
+
+
+@asynccontextmanager
+async def open_broker(data_dir: str | os.PathLike[str], config: BrokerConfig | None = None,
+                      **overrides: Any) -> AsyncIterator[Broker]:
+    """Open a broker on ``data_dir`` for the duration of the ``async with``."""
+    cfg = config or BrokerConfig()
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    path = os.fspath(data_dir)
+    os.makedirs(os.path.join(path, "sessions"), exist_ok=True)
+    lock_fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrokerError(f"{path} is in use by another broker") from None
+        async with trio.open_nursery() as nursery:
+            broker = Broker(path, cfg, nursery)
+            try:
+                yield broker
+            finally:
+                broker._shutdown()
+        broker._files.close_all()
+    finally:
+        os.close(lock_fd)

@@ -1,0 +1,86 @@
+"""Session metadata, and how session names become directory names.
+
+Each session directory holds ``meta.json`` beside its segment files.  It is
+small, changes rarely (create, close), and is replaced atomically, so a crash
+leaves either the old or the new version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ._errors import InvalidSessionName
+
+META_FILE = "meta.json"
+MAX_NAME_BYTES = 1024
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise InvalidSessionName("a session name must be a non-empty string")
+    if "\x00" in name:
+        raise InvalidSessionName("a session name must not contain NUL")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidSessionName(f"a session name must be at most {MAX_NAME_BYTES} bytes")
+
+
+def dir_name(name: str) -> str:
+    """A file name for the session: only [A-Za-z0-9_-] and %XX escapes.
+
+    No name can map to ``.``, ``..`` or contain a separator, so the result
+    always stays inside the sessions directory.  Names whose escaped form is too
+    long for a file name are hashed instead (the real name is in meta.json).
+    """
+    raw = name.encode("utf-8", "surrogatepass")
+    out = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
+    if len(out) > 200:
+        out = "h_" + hashlib.sha256(raw).hexdigest()
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    name: str
+    epoch: int                                 # incarnation: new on every create
+    content_type: str = "application/octet-stream"
+    created_at: float = 0.0                    # Unix seconds
+    ttl_s: float | None = None                 # lifetime from creation, seconds
+    expires_at: float | None = None            # absolute expiry, Unix seconds
+    closed: bool = False                       # no more appends
+    extra: dict[str, Any] = field(default_factory=dict)  # for transports' own state
+
+    def expiry(self) -> float | None:
+        deadlines = [t for t in (self.expires_at,
+                                 None if self.ttl_s is None else self.created_at + self.ttl_s)
+                     if t is not None]
+        return min(deadlines) if deadlines else None
+
+    def expired(self, now: float | None = None) -> bool:
+        exp = self.expiry()
+        return exp is not None and (time.time() if now is None else now) >= exp
+
+    def with_(self, **changes: Any) -> SessionMeta:
+        return replace(self, **changes)
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": 1, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SessionMeta:
+        d = json.loads(data)
+        d.pop("format", None)
+        return cls(**d)
+
+
+def load_meta(directory: str) -> SessionMeta | None:
+    try:
+        with open(os.path.join(directory, META_FILE), "rb") as f:
+            return SessionMeta.from_json(f.read())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,440 @@
+"""Session actors: the single writer of each session.
+
+Theory of operation
+-------------------
+Every session that is in use has one actor, a Trio task in the broker's
+nursery.  It alone touches the session's files and metadata, assigns offsets,
+and decides when appended records become visible.  Other tasks reach it in two
+ways:
+
+* **Commands** (create, append, close, delete) go through its bounded mailbox
+  and are answered through a one-shot reply.  A full mailbox makes senders wait:
+  that, and the time an fsync takes, is the only backpressure a publisher feels.
+
+* **Reads** do not queue.  The actor *publishes* its state: ``committed`` (the
+  offset below which every record is durable and may be read), the ring of
+  recent records, and the segment log.  A reader calls ``read`` synchronously,
+  which serves from the ring if the offset is still there and from disk if not,
+  and never blocks the actor.  A reader at the tail waits on ``changed``, an
+  event the actor sets and replaces whenever ``committed`` moves or the session
+  is closed or deleted.  A reader is an offset and a wait: no queue, so memory
+  does not grow with the number of readers or with how far behind they are.
+
+The actor's loop takes one command, then every command already waiting, and
+writes all the appends among them with one system call.  Then, per the fsync
+policy, it fsyncs in a worker thread (appends that arrive meanwhile wait in
+the mailbox and form the next group), moves ``committed`` forward, answers the
+appends and wakes the readers.  Records are visible to readers only once
+committed, so no reader ever sees a record that a crash could take back.
+
+An actor with no work and no readers for ``idle_timeout_s`` syncs, closes its
+files and exits; the next use of the session starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import _core
+from ._config import BrokerConfig
+from ._errors import (
+    BrokerError,
+    OffsetOutOfRange,
+    OffsetTooOld,
+    SessionClosed,
+    SessionExists,
+    SessionNotFound,
+    StorageError,
+)
+from ._files import FileCache, fsync_dir, write_atomic
+from ._log import SegmentLog, fsync_all
+from ._meta import META_FILE, SessionMeta, load_meta
+
+logger = logging.getLogger("broker.session")
+
+# Offsets a reader may pass instead of a number.
+START = -1   # the oldest record still retained
+NOW = -2     # the current end: only records appended from now on
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A snapshot of a session's metadata and offsets."""
+
+    name: str
+    epoch: int
+    content_type: str
+    created_at: float
+    ttl_s: float | None
+    expires_at: float | None
+    closed: bool
+    start_offset: int        # oldest retained offset
+    next_offset: int         # offset the next record will get (everything below is durable)
+    extra: dict[str, Any]
+
+
+class _Reply:
+    """A one-shot answer to a command."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def wait(self) -> Any:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class SessionActor:
+    def __init__(self, name: str, directory: str, files: FileCache, config: BrokerConfig,
+                 new_epoch: Callable[[], int], on_exit: Callable[[SessionActor], None]) -> None:
+        self.name = name
+        self.directory = directory
+        self._files = files
+        self._cfg = config
+        self._new_epoch = new_epoch
+        self._on_exit = on_exit
+        self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, _Reply]](
+            config.mailbox_size)
+        self.ready = trio.Event()
+        self.start_error: BaseException | None = None
+        # Published state, read by other tasks (never written by them):
+        self.meta: SessionMeta | None = None  # None: the session does not exist
+        self.log: SegmentLog | None = None
+        self.ring = _core.Ring(config.ring_bytes)
+        self.committed = 0                    # records below this are durable and readable
+        self.changed = trio.Event()           # set when committed, closed or existence changes
+        self.readers = 0                      # open subscriptions; keeps the actor alive
+        self.exited = False
+        # Private to the actor task:
+        self._pending: list[tuple[_Reply, int, int]] = []  # appends written, not yet acked
+        self._pending_records = 0
+        self._group_deadline = math.inf
+
+    # ------------------------------------------------------------------ api
+
+    async def call(self, kind: str, arg: Any = None) -> Any:
+        """Send a command and wait for its answer. Raises trio.ClosedResourceError
+        if the actor has exited (the broker then starts a new one)."""
+        reply = _Reply()
+        try:
+            await self._send.send((kind, arg, reply))
+        except trio.BrokenResourceError:
+            raise trio.ClosedResourceError from None
+        return await reply.wait()
+
+    def info(self) -> SessionInfo:
+        meta = self.meta
+        if meta is None:
+            raise SessionNotFound(self.name)
+        assert self.log is not None
+        return SessionInfo(meta.name, meta.epoch, meta.content_type, meta.created_at,
+                           meta.ttl_s, meta.expires_at, meta.closed, self.log.start_offset,
+                           self.committed, dict(meta.extra))
+
+    def read(self, offset: int, max_records: int, max_bytes: int) -> _core.Batch:
+        """Committed records from ``offset``; an empty batch at the tail."""
+        log = self.log
+        if self.meta is None or log is None:
+            raise SessionNotFound(self.name)
+        if offset < log.start_offset:
+            raise OffsetTooOld(offset, log.start_offset)
+        if offset > self.committed:
+            raise OffsetOutOfRange(offset, self.committed)
+        batch = self.ring.read(offset, self.committed, max_records, max_bytes)
+        if batch is None:
+            batch = log.read(offset, self.committed, max_records, max_bytes)
+        return batch
+
+    def resolve(self, offset: int) -> int:
+        if self.log is None:
+            raise SessionNotFound(self.name)
+        if offset == START:
+            return self.log.start_offset
+        if offset == NOW:
+            return self.committed
+        if offset < 0:
+            raise OffsetOutOfRange(offset, self.committed)
+        return offset
+
+    # ---------------------------------------------------------------- the task
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._open()
+        except BaseException as exc:
+            self.start_error = exc
+            self._exit()
+            raise
+        task_status.started()
+        try:
+            await self._serve()
+        except Exception:
+            # One session's failure must not take the broker down with it.
+            logger.exception("session %r: actor failed; it restarts on next use", self.name)
+        finally:
+            self._exit()
+
+    async def _open(self) -> None:
+        meta = await trio.to_thread.run_sync(load_meta, self.directory)
+        if meta is not None:
+            await self._attach(meta)
+        self.ready.set()
+
+    async def _attach(self, meta: SessionMeta) -> None:
+        self.log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
+                                                 self._cfg)
+        self.meta = meta
+        self.committed = self.log.next_offset
+        self.ring.reset(self.committed)
+
+    def _exit(self) -> None:
+        self.exited = True
+        self._on_exit(self)
+        # Commands still queued were never processed: their senders retry
+        # against the next actor.
+        while True:
+            try:
+                _, _, reply = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            reply.fail(trio.ClosedResourceError())
+        self._inbox.close()
+        if self.log is not None:
+            try:
+                if self.log.needs_sync():
+                    self.log.sync_blocking()
+            finally:
+                self.log.close()
+        for reply, _, _ in self._pending:
+            reply.fail(StorageError("the session actor stopped before the append was synced"))
+        self._pending.clear()
+        self._wake()
+        self.ready.set()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _idle(self) -> bool:
+        return (self.readers == 0 and not self._pending
+                and self._inbox.statistics().current_buffer_used == 0)
+
+    async def _serve(self) -> None:
+        fsync = self._cfg.fsync
+        while True:
+            if self._pending:
+                timeout = max(0.0, self._group_deadline - trio.current_time())
+            else:
+                timeout = self._cfg.idle_timeout_s if self.meta is not None else 1.0
+            cmd = None
+            with trio.move_on_after(timeout):
+                try:
+                    cmd = await self._inbox.receive()
+                except trio.EndOfChannel:
+                    await self._commit()
+                    return
+            if cmd is None:
+                if self._pending:
+                    if not await self._commit():
+                        return
+                elif self._idle():
+                    return          # reaped; _exit syncs and closes
+                continue
+            batch: list[bytes] = []
+            while cmd is not None:
+                await self._handle(cmd, batch)
+                try:
+                    cmd = self._inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    cmd = None
+            self._write(batch)
+            if not self._pending:
+                continue
+            if fsync.mode != "group" or self._pending_records >= fsync.max_records:
+                if not await self._commit():
+                    return
+            elif self._group_deadline == math.inf:
+                self._group_deadline = trio.current_time() + fsync.interval_ms / 1000
+
+    async def _handle(self, cmd: tuple[str, Any, _Reply], batch: list[bytes]) -> None:
+        kind, arg, reply = cmd
+        try:
+            if self.meta is not None and self.meta.expired():
+                self._write(batch)
+                if await self._commit():
+                    await self._do_delete()
+            if kind == "append":
+                self._check_append(arg)
+                self._pending.append((reply, self.log.next_offset + len(batch), len(arg)))
+                self._pending_records += len(arg)
+                batch.extend(arg)
+                return
+            # Anything else sees every earlier append durable first.
+            self._write(batch)
+            if not await self._commit():
+                raise StorageError("the session's storage failed; retry")
+            if kind == "create":
+                reply.set(await self._do_create(**arg))
+            elif kind == "close":
+                reply.set(await self._do_close())
+            elif kind == "delete":
+                reply.set(await self._do_delete())
+            elif kind == "set_extra":
+                reply.set(await self._do_set_extra(arg))
+            elif kind == "info":
+                reply.set(self.info())
+            elif kind == "sync":
+                reply.set(None)
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+        except BrokerError as exc:
+            reply.fail(exc)
+        except (OSError, ValueError) as exc:
+            reply.fail(exc)
+
+    def _check_append(self, payloads: Sequence[bytes]) -> None:
+        if self.meta is None:
+            raise SessionNotFound(self.name)
+        if self.meta.closed:
+            raise SessionClosed(self.name)
+        limit = self._cfg.max_record_bytes
+        for p in payloads:
+            if len(p) > limit:
+                raise ValueError(f"record of {len(p)} bytes exceeds the limit of {limit}")
+
+    def _write(self, batch: list[bytes]) -> None:
+        if not batch:
+            return
+        assert self.log is not None
+        ts = time.time_ns() // 1000
+        try:
+            first = self.log.append(batch, ts)
+        except OSError as exc:
+            # Nothing of this batch is acknowledged; fail exactly its appends.
+            err = StorageError(f"write failed: {exc}")
+            n = len(batch)
+            while n > 0 and self._pending:
+                reply, _, count = self._pending.pop()
+                reply.fail(err)
+                n -= count
+                self._pending_records -= count
+            batch.clear()
+            return
+        self.ring.extend(first, ts, batch)
+        batch.clear()
+
+    async def _commit(self) -> bool:
+        """Make everything written durable (per policy), then ack and publish it.
+
+        Returns False if the disk failed: the waiting appends are failed and
+        the actor must stop (a new one recovers the log from what is on disk).
+        """
+        self._group_deadline = math.inf
+        log = self.log
+        if log is None:
+            return True
+        if self._cfg.fsync.mode != "never" and log.needs_sync():
+            paths, fds, directory = log.begin_sync()
+            ok = False
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(fsync_all, fds, directory)
+                ok = True
+            except OSError as exc:
+                logger.error("session %r: fsync failed: %s", self.name, exc)
+                err = StorageError(f"fsync failed: {exc}")
+                for reply, _, _ in self._pending:
+                    reply.fail(err)
+                self._pending.clear()
+                self._pending_records = 0
+                return False
+            finally:
+                log.end_sync(paths, ok, directory)
+        if log.next_offset != self.committed:
+            self.committed = log.next_offset
+            self._wake()
+        for reply, first, count in self._pending:
+            reply.set(range(first, first + count))
+        self._pending.clear()
+        self._pending_records = 0
+        return True
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _do_create(self, content_type: str, ttl_s: float | None,
+                         expires_at: float | None, extra: dict[str, Any]) -> tuple[SessionInfo, bool]:
+        if self.meta is not None:
+            m = self.meta
+            for field, want in (("content_type", content_type), ("ttl_s", ttl_s),
+                                ("expires_at", expires_at)):
+                if getattr(m, field) != want:
+                    raise SessionExists(self.name, field.replace("_", " "))
+            if m.closed:
+                raise SessionExists(self.name, "state (it is closed)")
+            return self.info(), False
+        meta = SessionMeta(self.name, self._new_epoch(), content_type, time.time(), ttl_s,
+                           expires_at, False, dict(extra))
+
+        def make() -> None:
+            os.makedirs(self.directory, exist_ok=True)
+            fsync_dir(os.path.dirname(self.directory))
+            write_atomic(os.path.join(self.directory, META_FILE), meta.to_json())
+
+        await trio.to_thread.run_sync(make)
+        await self._attach(meta)
+        self._wake()
+        return self.info(), True
+
+    async def _store_meta(self, meta: SessionMeta) -> None:
+        await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
+                                      meta.to_json())
+        self.meta = meta
+        self._wake()
+
+    async def _do_close(self) -> SessionInfo:
+        if self.meta is None:
+            raise SessionNotFound(self.name)
+        if not self.meta.closed:
+            await self._store_meta(self.meta.with_(closed=True))
+        return self.info()
+
+    async def _do_set_extra(self, changes: dict[str, Any]) -> SessionInfo:
+        if self.meta is None:
+            raise SessionNotFound(self.name)
+        await self._store_meta(self.meta.with_(extra={**self.meta.extra, **changes}))
+        return self.info()
+
+    async def _do_delete(self) -> None:
+        if self.meta is None or self.log is None:
+            raise SessionNotFound(self.name)
+        log = self.log
+        self.meta = None
+        self.log = None
+        self.ring.reset(0)
+        self.committed = 0
+        self._wake()
+        log.close()
+        await trio.to_thread.run_sync(log.remove)
+        await trio.to_thread.run_sync(fsync_dir, os.path.dirname(self.directory))

@@ -1,0 +1,113 @@
+"""The compiled core on its own: ring, framing, index. No I/O."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker import _core
+
+
+def test_ring_holds_newest_within_budget() -> None:
+    r = _core.Ring(100)
+    r.extend(0, 7, [b"a" * 40, b"b" * 40])
+    r.append(2, 8, b"c" * 40)          # does not fit beside both: evicts offset 0
+    assert (r.start_offset, r.next_offset, len(r)) == (1, 3, 2)
+    assert r.read(0) is None           # older than the ring: caller goes to disk
+    batch = r.read(1)
+    assert batch is not None
+    assert batch.payloads() == [b"b" * 40, b"c" * 40]
+    assert [(o, t) for o, t, _ in batch] == [(1, 7), (2, 8)]
+    assert r.nbytes <= r.capacity
+
+
+def test_ring_record_larger_than_budget_empties_it() -> None:
+    r = _core.Ring(16)
+    r.extend(0, 1, [b"x", b"y" * 17])
+    assert (r.start_offset, r.next_offset, len(r)) == (2, 2, 0)
+    r.append(2, 1, b"z")
+    assert r.read(2).payloads() == [b"z"]  # type: ignore[union-attr]
+
+
+def test_ring_rejects_gaps() -> None:
+    r = _core.Ring(64)
+    with pytest.raises(ValueError):
+        r.append(5, 0, b"x")
+
+
+def test_ring_read_limits_and_tail() -> None:
+    r = _core.Ring(1 << 16)
+    r.extend(0, 0, [bytes([i]) * 10 for i in range(10)])
+    assert len(r.read(0, max_records=3)) == 3  # type: ignore[arg-type]
+    assert len(r.read(0, max_bytes=25)) == 2  # type: ignore[arg-type]
+    assert len(r.read(0, max_bytes=1)) == 1  # type: ignore[arg-type]  # at least one
+    assert len(r.read(0, upto_offset=4)) == 4  # type: ignore[arg-type]
+    tail = r.read(10)
+    assert tail is not None and len(tail) == 0 and tail.next_offset == 10
+
+
+@given(st.lists(st.binary(max_size=70), max_size=200), st.integers(20, 300))
+def test_ring_matches_a_list(payloads: list[bytes], capacity: int) -> None:
+    r = _core.Ring(capacity, max_records=17)
+    for i, p in enumerate(payloads):
+        r.append(i, i, p)
+        assert r.nbytes <= capacity and len(r) <= 17
+        got = r.read(r.start_offset)
+        assert got is not None
+        assert got.payloads() == payloads[r.start_offset:i + 1]
+        assert i in range(r.start_offset, r.next_offset) or len(p) > capacity
+
+
+def test_framing_round_trip_and_index() -> None:
+    idx = _core.SparseIndex(100, interval=64)
+    payloads = [bytes([i]) * (i * 7) for i in range(20)]
+    data = _core.encode(100, 12345, payloads, 0, idx, 0)
+    assert len(data) == sum(map(len, payloads)) + 28 * 20
+    assert _core.scan(data, 0, 100) == (len(data), 120, _core.OK)
+    for off in range(100, 120):
+        batch, _, status = _core.decode(data, idx.lookup(off), off)
+        assert status == _core.OK
+        assert batch.first_offset == off
+        assert batch.payloads() == payloads[off - 100:]
+        assert batch.timestamp(0) == 12345
+
+
+@pytest.mark.parametrize("cut", [1, 5, 23, 24, 30])
+def test_scan_stops_at_a_torn_tail(cut: int) -> None:
+    data = _core.encode(0, 0, [b"hello", b"world" * 3])
+    end_first = 28 + 5
+    assert _core.scan(data[:-cut], 0, 0) == (end_first, 1, _core.PARTIAL)
+
+
+def test_scan_stops_at_a_flipped_bit() -> None:
+    data = bytearray(_core.encode(0, 0, [b"a" * 10, b"b" * 10, b"c" * 10]))
+    data[38 + 30] ^= 0x10        # inside the second record's payload
+    assert _core.scan(bytes(data), 0, 0) == (38, 1, _core.BAD_CHECKSUM)
+
+
+def test_scan_checks_offset_sequence() -> None:
+    data = _core.encode(0, 0, [b"x"]) + _core.encode(5, 0, [b"y"])
+    assert _core.scan(data, 0, 0) == (29, 1, _core.BAD_HEADER)
+
+
+def test_index_file_round_trip_and_validation() -> None:
+    idx = _core.SparseIndex(10, 1)
+    for i in range(5):
+        idx.note(10 + i, i * 100)
+    data = idx.to_bytes()
+    again = _core.SparseIndex.from_bytes(10, 1, data, 1000)
+    assert again is not None and again.entries() == idx.entries()
+    assert _core.SparseIndex.from_bytes(10, 1, data, 300) is None   # points past the file
+    assert _core.SparseIndex.from_bytes(10, 1, data[:-3], 1000) is None
+    assert again.lookup(9) == 0 and again.lookup(12) == 200 and again.lookup(99) == 400
+
+
+def test_batch_views_share_one_buffer() -> None:
+    b = _core.Batch.from_payloads(5, 1, [b"ab", b"", b"cde"])
+    assert (b.first_offset, b.last_offset, b.next_offset, len(b), b.nbytes) == (5, 7, 8, 3, 5)
+    assert b.join() == b"abcde"
+    views = [p for _, _, p in b]
+    assert all(v.obj is b.buffer for v in views)
+    assert b.slice(1, 3).payloads() == [b"", b"cde"] and b.slice(1, 3).first_offset == 6
+    assert not _core.Batch.empty(9) and _core.Batch.empty(9).next_offset == 9
