@@ -17,9 +17,12 @@ On disk::
       broker.json        the next epoch number
       sessions/<name>/   one directory per session (names escaped, see _meta.py)
 
-An *epoch* is drawn from ``broker.json`` each time a session is created, so a
-session deleted and created again under the same name never reuses one.  The
-counter is made durable before the session that uses it.
+An *epoch* is drawn from a broker-wide counter each time a session is created,
+so a session deleted and created again under the same name never reuses one.
+``broker.json`` holds a ceiling: epochs are handed out below it, and it is
+raised (durably, before any epoch above the old ceiling is used) by a block of
+``_EPOCH_BLOCK`` at a time.  A restart starts from the ceiling, so a crash
+skips at most one block and never repeats an epoch.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from ._session import NOW, START, SessionActor, SessionInfo
 
 __all__ = ["Broker", "Subscription", "open_broker"]
 
+_EPOCH_BLOCK = 1000
+
 
 class Broker:
     """A broker on one data directory. Make it with ``open_broker``."""
@@ -57,9 +62,10 @@ class Broker:
         self._state_path = os.path.join(self.data_dir, "broker.json")
         try:
             with open(self._state_path, "rb") as f:
-                self._next_epoch = int(json.load(f)["next_epoch"])
+                self._next_epoch = int(json.load(f)["epoch_ceiling"])
         except FileNotFoundError:
             self._next_epoch = 1
+        self._epoch_ceiling = self._next_epoch   # epochs below this are reserved
 
     # ------------------------------------------------------------- actors
 
@@ -75,8 +81,12 @@ class Broker:
 
     def _new_epoch(self) -> int:
         epoch = self._next_epoch
-        write_atomic(self._state_path,
-                     json.dumps({"format": 1, "next_epoch": epoch + 1}).encode())
+        if epoch >= self._epoch_ceiling:
+            ceiling = epoch + _EPOCH_BLOCK
+            write_atomic(self._state_path,
+                         json.dumps({"format": 1, "epoch_ceiling": ceiling}).encode(),
+                         durable=self.config.fsync.mode != "never")
+            self._epoch_ceiling = ceiling
         self._next_epoch = epoch + 1
         return epoch
 

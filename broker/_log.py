@@ -107,6 +107,8 @@ class SegmentLog:
         self._dirty: set[str] = set()        # files written since their last fsync
         self._dir_dirty = False              # a file was created or removed
         self.recovered_bytes_dropped = 0     # what recovery truncated, for tests and logs
+        self.syncs = 0                       # fsync rounds completed (a group counts once)
+        self._durable = config.fsync.mode != "never"
 
     # ---------------------------------------------------------------- opening
 
@@ -135,9 +137,20 @@ class SegmentLog:
         if not segs:
             segs = [_Segment(directory, 0, 0)]
             fd = os.open(segs[0].path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.fsync(fd)
+            if self._durable:
+                os.fsync(fd)
             os.close(fd)
-            fsync_dir(directory)
+            if self._durable:
+                fsync_dir(directory)
+        if len(segs) > 1 and segs[-1].size == 0:
+            # An empty active segment is only valid if the roll that made it was
+            # complete: the sealed segment before it must end whole, just below it.
+            prev, empty = segs[-2], segs[-1]
+            good, nxt, _ = _scan_file(prev.path, prev.base, None)
+            if good < prev.size or nxt != empty.base:
+                log.warning("%s: removing empty segment after an incomplete roll", empty.path)
+                os.unlink(empty.path)
+                segs.pop()
         active = segs[-1]
         active.index = _core.SparseIndex(active.base, config.index_interval_bytes)
         good, self.next_offset, status = _scan_file(active.path, active.base, active.index)
@@ -200,6 +213,12 @@ class SegmentLog:
     def _roll(self) -> _Segment:
         old = self._segments[-1]
         assert old.index is not None
+        # Seal the old segment on disk before the new one exists, so recovery,
+        # which checks only the last segment, never trusts a sealed segment whose
+        # tail a crash could have torn.  Once per segment: cheap.
+        if self._durable and old.path in self._dirty:
+            os.fsync(self._files.fd(old.path))
+            self._dirty.discard(old.path)
         # The index is derived: written without fsync, checked when loaded.
         with open(old.index_path, "wb") as f:
             f.write(old.index.to_bytes())
@@ -245,6 +264,8 @@ class SegmentLog:
         return paths, fds, directory
 
     def end_sync(self, paths: list[str], ok: bool, directory: str | None) -> None:
+        if ok and (paths or directory):
+            self.syncs += 1
         for p in paths:
             self._files.unpin(p)
             if not ok:

@@ -131,6 +131,7 @@ class SessionActor:
         self._pending: list[tuple[_Reply, int, int]] = []  # appends written, not yet acked
         self._pending_records = 0
         self._group_deadline = math.inf
+        self._durable = config.fsync.mode != "never"   # metadata fsyncs follow the policy
 
     # ------------------------------------------------------------------ api
 
@@ -197,14 +198,16 @@ class SessionActor:
             self._exit()
 
     async def _open(self) -> None:
-        meta = await trio.to_thread.run_sync(load_meta, self.directory)
+        # meta.json is a few hundred bytes: read inline rather than pay a thread hop.
+        meta = load_meta(self.directory)
         if meta is not None:
-            await self._attach(meta)
+            log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
+                                                self._cfg)
+            self._attach(meta, log)
         self.ready.set()
 
-    async def _attach(self, meta: SessionMeta) -> None:
-        self.log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
-                                                 self._cfg)
+    def _attach(self, meta: SessionMeta, log: SegmentLog) -> None:
+        self.log = log
         self.meta = meta
         self.committed = self.log.next_offset
         self.ring.reset(self.committed)
@@ -397,19 +400,22 @@ class SessionActor:
         meta = SessionMeta(self.name, self._new_epoch(), content_type, time.time(), ttl_s,
                            expires_at, False, dict(extra))
 
-        def make() -> None:
-            os.makedirs(self.directory, exist_ok=True)
-            fsync_dir(os.path.dirname(self.directory))
-            write_atomic(os.path.join(self.directory, META_FILE), meta.to_json())
+        durable, files, cfg = self._durable, self._files, self._cfg
 
-        await trio.to_thread.run_sync(make)
-        await self._attach(meta)
+        def make() -> SegmentLog:
+            os.makedirs(self.directory, exist_ok=True)
+            if durable:
+                fsync_dir(os.path.dirname(self.directory))
+            write_atomic(os.path.join(self.directory, META_FILE), meta.to_json(), durable)
+            return SegmentLog.open(self.directory, files, cfg)
+
+        self._attach(meta, await trio.to_thread.run_sync(make))
         self._wake()
         return self.info(), True
 
     async def _store_meta(self, meta: SessionMeta) -> None:
         await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
-                                      meta.to_json())
+                                      meta.to_json(), self._durable)
         self.meta = meta
         self._wake()
 
@@ -437,4 +443,5 @@ class SessionActor:
         self._wake()
         log.close()
         await trio.to_thread.run_sync(log.remove)
-        await trio.to_thread.run_sync(fsync_dir, os.path.dirname(self.directory))
+        if self._durable:
+            await trio.to_thread.run_sync(fsync_dir, os.path.dirname(self.directory))

@@ -1,0 +1,235 @@
+"""The broker through its public API: lifecycle, durability policy, reads, actors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import broker
+from broker import FsyncPolicy
+
+
+async def test_create_is_idempotent_and_conflicts_on_difference(b: broker.Broker) -> None:
+    info, created = await b.create("s", content_type="text/plain", ttl_s=60)
+    assert created and info.next_offset == 0 and info.epoch >= 1
+    again, created = await b.create("s", content_type="text/plain", ttl_s=60)
+    assert not created and again.epoch == info.epoch
+    with pytest.raises(broker.SessionExists) as e:
+        await b.create("s", content_type="application/json", ttl_s=60)
+    assert e.value.code == "session_conflict"
+
+
+@pytest.mark.parametrize("op", ["append", "read", "info", "close", "delete"])
+async def test_unknown_session_is_a_clear_error(b: broker.Broker, op: str) -> None:
+    calls = {
+        "append": lambda: b.append("nope", b"x"),
+        "read": lambda: b.read("nope"),
+        "info": lambda: b.info("nope"),
+        "close": lambda: b.close_session("nope"),
+        "delete": lambda: b.delete("nope"),
+    }
+    with pytest.raises(broker.SessionNotFound) as e:
+        await calls[op]()
+    assert e.value.code == "session_not_found" and "nope" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["", "a\x00b"])
+async def test_bad_names_are_refused(b: broker.Broker, name: str) -> None:
+    with pytest.raises(broker.InvalidSessionName):
+        await b.create(name)
+
+
+@pytest.mark.parametrize("name", ["..", "../../etc/passwd", "/abs", "a/b/../c", "é/ü", "x" * 900])
+async def test_names_stay_inside_the_data_dir(tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    async with broker.open_broker(data) as b:
+        await b.create(name)
+        await b.append(name, b"v")
+        assert (await b.read(name)).payloads() == [b"v"]
+    inside = {p.resolve() for p in data.rglob("*")}
+    assert all(str(p).startswith(str(data.resolve())) for p in inside)
+    assert {p.name for p in tmp_path.iterdir()} == {"data"}
+
+
+async def test_append_read_offsets_and_sentinels(b: broker.Broker) -> None:
+    await b.create("s")
+    assert await b.append("s", b"a") == 0
+    assert await b.append_many("s", [b"b", b"c", b""]) == range(1, 4)
+    assert (await b.read("s", broker.START)).payloads() == [b"a", b"b", b"c", b""]
+    assert (await b.read("s", 2)).payloads() == [b"c", b""]
+    tail = await b.read("s", broker.NOW)
+    assert len(tail) == 0 and tail.next_offset == 4
+    with pytest.raises(broker.OffsetOutOfRange):
+        await b.read("s", 5)
+    batch = await b.read("s", 0, max_records=2)
+    assert batch.payloads() == [b"a", b"b"] and batch.next_offset == 2
+
+
+async def test_reads_come_from_disk_once_out_of_the_ring(b: broker.Broker) -> None:
+    await b.create("s")
+    payloads = [bytes([i % 256]) * 300 for i in range(200)]   # 60 kB: many segments
+    for i in range(0, 200, 10):
+        await b.append_many("s", payloads[i:i + 10])
+    got: list[bytes] = []
+    offset = 0
+    while offset < 200:
+        batch = await b.read("s", offset, max_records=7)
+        got.extend(batch.payloads())
+        offset = batch.next_offset
+    assert got == payloads
+
+
+async def test_close_refuses_appends_and_ends_followers(b: broker.Broker) -> None:
+    await b.create("s")
+    await b.append_many("s", [b"1", b"2"])
+    seen: list[bytes] = []
+
+    async def follow() -> None:
+        async for batch in b.follow("s", 0):
+            seen.extend(batch.payloads())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(follow)
+        await trio.testing.wait_all_tasks_blocked()
+        await b.append("s", b"3")
+        info = await b.close_session("s")
+        assert info.closed
+    assert seen == [b"1", b"2", b"3"]
+    with pytest.raises(broker.SessionClosed):
+        await b.append("s", b"4")
+
+
+async def test_delete_tells_followers_and_recreate_changes_epoch(b: broker.Broker) -> None:
+    info, _ = await b.create("s")
+    await b.append("s", b"old")
+    async with b.subscribe("s", broker.NOW) as sub:
+        async with trio.open_nursery() as n:
+            async def wait_next() -> None:
+                with pytest.raises(broker.SessionDeleted):
+                    await sub.next()
+            n.start_soon(wait_next)
+            await trio.testing.wait_all_tasks_blocked()
+            await b.delete("s")
+    with pytest.raises(broker.SessionNotFound):
+        await b.read("s")
+    new, created = await b.create("s")
+    assert created and new.epoch > info.epoch and new.next_offset == 0
+    with pytest.raises(broker.EpochChanged):
+        async with b.subscribe("s", 0, epoch=info.epoch):
+            pass
+
+
+async def test_expired_session_is_gone(b: broker.Broker) -> None:
+    await b.create("short", expires_at=1.0)      # long past
+    with pytest.raises(broker.SessionNotFound):
+        await b.append("short", b"x")
+
+
+async def test_retention_drops_old_segments_and_reports_earliest(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path, segment_bytes=1024, retention_bytes=2048) as b:
+        await b.create("s")
+        for i in range(100):
+            await b.append_many("s", [b"%03d" % i * 10])
+        info = await b.info("s")
+        assert info.start_offset > 0
+        with pytest.raises(broker.OffsetTooOld) as e:
+            await b.read("s", 0)
+        assert e.value.earliest == info.start_offset
+        batch = await b.read("s", broker.START)
+        assert batch.first_offset == info.start_offset
+        assert batch.payloads()[0] == b"%03d" % info.start_offset * 10
+
+
+@pytest.mark.parametrize("policy", ["always", "group:50ms:100000", "never"])
+async def test_concurrent_appends_share_fsyncs(tmp_path: Path, policy: str) -> None:
+    async with broker.open_broker(tmp_path, fsync=FsyncPolicy.parse(policy)) as b:
+        await b.create("s")
+        offsets: list[int] = []
+
+        async def publish(i: int) -> None:
+            offsets.append(await b.append("s", b"%d" % i))
+
+        async with trio.open_nursery() as n:
+            for i in range(200):
+                n.start_soon(publish, i)
+        assert sorted(offsets) == list(range(200))
+        syncs = b._actors["s"].log.syncs      # type: ignore[union-attr]
+        if policy == "never":
+            assert syncs == 0
+        else:
+            assert 1 <= syncs < 200          # many appends per fsync
+
+
+async def test_group_commit_flushes_on_record_count(tmp_path: Path) -> None:
+    # A one-hour interval: only the record threshold can trigger the fsync.
+    async with broker.open_broker(tmp_path, fsync=FsyncPolicy("group", 3_600_000, 10)) as b:
+        await b.create("s")
+        assert await b.append_many("s", [b"x"] * 10) == range(0, 10)
+
+
+async def test_acknowledged_means_readable_after_reopen(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s", content_type="text/plain")
+        await b.append_many("s", [b"%d" % i for i in range(1000)])
+        await b.close_session("s")
+    async with broker.open_broker(tmp_path) as b:
+        info = await b.info("s")
+        assert (info.next_offset, info.closed, info.content_type) == (1000, True, "text/plain")
+        got = []
+        async for batch in b.follow("s"):
+            got.extend(batch.payloads())
+        assert got == [b"%d" % i for i in range(1000)]
+
+
+async def test_one_broker_per_directory(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path):
+        with pytest.raises(broker.BrokerError, match="in use"):
+            async with broker.open_broker(tmp_path):
+                pass
+
+
+async def test_idle_actors_are_reaped_and_files_closed(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    async with broker.open_broker(tmp_path, idle_timeout_s=5, fsync=FsyncPolicy("always")) as b:
+        for i in range(20):
+            await b.create(f"s{i}")
+            await b.append(f"s{i}", b"x")
+        assert b.active_sessions == 20 and b.open_files >= 20
+        mock_clock.jump(6)
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.active_sessions == 0 and b.open_files == 0
+        assert (await b.read("s3")).payloads() == [b"x"]    # comes back on use
+
+
+async def test_a_subscriber_keeps_its_actor(tmp_path: Path,
+                                            mock_clock: trio.testing.MockClock) -> None:
+    async with broker.open_broker(tmp_path, idle_timeout_s=1, fsync=FsyncPolicy("always")) as b:
+        await b.create("s")
+        async with b.subscribe("s", broker.NOW) as sub:
+            mock_clock.jump(10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.active_sessions == 1
+            await b.append("s", b"late")
+            assert (await sub.next()).payloads() == [b"late"]
+
+
+@pytest.mark.slow
+async def test_open_files_stay_bounded_with_many_sessions(tmp_path: Path) -> None:
+    """10,000 sessions on disk, 1,000 active: descriptors stay far below 1,024."""
+    cfg = broker.BrokerConfig(fsync=FsyncPolicy("never"), max_open_files=256)
+    async with broker.open_broker(tmp_path, cfg) as b:
+        for i in range(10_000):
+            await b.create(f"s{i}")
+        for i in range(0, 10_000, 10):
+            await b.append(f"s{i}", b"x")
+        assert b.open_files <= 256
+        fds = len(os.listdir("/proc/self/fd"))
+        assert fds < 512, fds
+        assert b.active_sessions >= 1000
+        for i in range(0, 10_000, 10):
+            assert (await b.read(f"s{i}")).payloads() == [b"x"]
+        assert b.open_files <= 256
