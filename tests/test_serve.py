@@ -1,0 +1,78 @@
+"""`broker serve` as a real process, and its sans-IO request reader."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker._http import BadRequest, RequestReader
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir",
+         str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    port = 0
+    for line in proc.stderr:
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    assert port, "server did not report its port"
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_healthz_garbage_and_clean_shutdown(server: tuple[subprocess.Popen[str], int]) -> None:
+    proc, port = server
+    ok = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 ") and ok.endswith(b'{"status":"ok"}')
+    bad = exchange(port, b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+    assert bad.startswith(b"HTTP/1.1 400 ") and b'"bad_request"' in bad
+    missing = exchange(port, b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert missing.startswith(b"HTTP/1.1 404 ") and b'"not_found"' in missing
+    # Garbage on one connection leaves the server answering others.
+    again = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert again.startswith(b"HTTP/1.1 200 ")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_pipelined_requests_split_at_every_byte() -> None:
+    wire = (b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+            b"GET /b?x=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+    for cut in range(len(wire) + 1):
+        reader = RequestReader()
+        got = reader.feed(wire[:cut]) + reader.feed(wire[cut:])
+        assert [(r.method, r.target, bytes(r.body)) for r in got] == [
+            ("POST", "/a", b"hello"), ("GET", "/b?x=1", b"")]
+
+
+def test_oversized_headers_are_refused() -> None:
+    reader = RequestReader()
+    with pytest.raises(BadRequest):
+        reader.feed(b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")
