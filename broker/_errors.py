@@ -83,6 +83,15 @@ class OffsetOutOfRange(BrokerError):
         self.next_offset = next_offset
 
 
+class RecordTooLarge(BrokerError, ValueError):
+    code = "record_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a record of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class InvalidSessionName(BrokerError, ValueError):
     code = "invalid_session_name"
 

@@ -49,6 +49,7 @@ from ._errors import (
     BrokerError,
     OffsetOutOfRange,
     OffsetTooOld,
+    RecordTooLarge,
     SessionClosed,
     SessionExists,
     SessionNotFound,
@@ -325,7 +326,7 @@ class SessionActor:
         limit = self._cfg.max_record_bytes
         for p in payloads:
             if len(p) > limit:
-                raise ValueError(f"record of {len(p)} bytes exceeds the limit of {limit}")
+                raise RecordTooLarge(len(p), limit)
 
     def _write(self, batch: list[bytes]) -> None:
         if not batch:

@@ -233,3 +233,14 @@ async def test_open_files_stay_bounded_with_many_sessions(tmp_path: Path) -> Non
         for i in range(0, 10_000, 10):
             assert (await b.read(f"s{i}")).payloads() == [b"x"]
         assert b.open_files <= 256
+
+
+async def test_oversized_record_is_refused_and_nothing_else_is_disturbed(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path, max_record_bytes=100) as b:
+        await b.create("s")
+        await b.append("s", b"ok")
+        with pytest.raises(broker.RecordTooLarge) as e:
+            await b.append_many("s", [b"fine", b"x" * 101])
+        assert e.value.code == "record_too_large" and e.value.limit == 100
+        assert await b.append("s", b"after") == 1       # the refused batch took no offsets
+        assert (await b.read("s")).payloads() == [b"ok", b"after"]
