@@ -109,6 +109,7 @@ class SegmentLog:
         self.recovered_bytes_dropped = 0     # what recovery truncated, for tests and logs
         self.syncs = 0                       # fsync rounds completed (a group counts once)
         self._durable = config.fsync.mode != "never"
+        self._last_chunk: tuple[str, int, bytes] | None = None  # (path, position, bytes)
 
     # ---------------------------------------------------------------- opening
 
@@ -239,6 +240,8 @@ class SegmentLog:
         while len(self._segments) > 1 and total - self._segments[0].size >= limit:
             old = self._segments.pop(0)
             self._bases.pop(0)
+            if self._last_chunk is not None and self._last_chunk[0] == old.path:
+                self._last_chunk = None
             total -= old.size
             self._files.close(old.path)
             self._dirty.discard(old.path)
@@ -311,28 +314,48 @@ class SegmentLog:
 
     def _read_segment(self, seg: _Segment, pos: int, from_offset: int, upto_offset: int,
                       max_records: int, max_bytes: int) -> _core.Batch:
-        fd = self._files.fd(seg.path)
-        want = self._cfg.read_chunk_bytes
+        chunk = self._cfg.read_chunk_bytes
+        want, fresh = chunk, False
         while pos < seg.size:
-            data = os.pread(fd, min(max(want, self._cfg.read_chunk_bytes), seg.size - pos), pos)
-            batch, end, status = _core.decode(data, 0, from_offset, upto_offset,
+            data, base = self._chunk_at(seg, pos, want, fresh)
+            rel = pos - base
+            batch, end, status = _core.decode(data, rel, from_offset, upto_offset,
                                               max_records, max_bytes)
             if batch:
                 return batch
-            if status == _core.OK or (status == _core.PARTIAL and end > 0):
-                pos += end
-                want = self._cfg.read_chunk_bytes
-                if end == 0:
-                    break
+            consumed = end - rel
+            if status == _core.OK and consumed > 0:
+                pos, want, fresh = base + end, chunk, False      # skipped a whole chunk
                 continue
-            if status == _core.PARTIAL and pos + len(data) < seg.size:
-                (length,) = struct.unpack_from("<I", data, end)
-                want = length + _core.RECORD_OVERHEAD
+            if status == _core.PARTIAL and base + len(data) < seg.size:
+                pos = base + end
+                if consumed > 0 or not fresh:
+                    want, fresh = chunk, True                    # re-read from that record
+                else:
+                    (length,) = struct.unpack_from("<I", data, end)
+                    want = length + _core.RECORD_OVERHEAD        # one record beyond a chunk
                 continue
-            raise CorruptRecord(seg.path, pos + end,
+            raise CorruptRecord(seg.path, base + end,
                                 {_core.BAD_CHECKSUM: "checksum mismatch",
                                  _core.BAD_HEADER: "bad header"}.get(status, "truncated"))
         raise CorruptRecord(seg.path, pos, f"offset {from_offset} not found")
+
+    def _chunk_at(self, seg: _Segment, pos: int, want: int, fresh: bool) -> tuple[bytes, int]:
+        """Bytes of ``seg`` from ``pos`` (or from before it): (data, file position of data[0]).
+
+        The last chunk read is kept: a reader's next batch usually starts inside
+        it, and bytes below a segment's size never change (it is append-only).
+        """
+        cached = self._last_chunk
+        if not fresh and cached is not None and cached[0] == seg.path:
+            start, end = cached[1], cached[1] + len(cached[2])
+            # Reuse it if it still holds a good part of what is wanted; if the
+            # file has grown past it, a short remainder is not worth a short batch.
+            if start <= pos < end and end >= min(seg.size, pos + want // 2):
+                return cached[2], start
+        data = os.pread(self._files.fd(seg.path), min(want, seg.size - pos), pos)
+        self._last_chunk = (seg.path, pos, data)
+        return data, pos
 
     def _index(self, seg: _Segment) -> _core.SparseIndex:
         if seg.index is not None:
