@@ -41,7 +41,7 @@ from ._config import BrokerConfig
 from ._errors import BrokerClosed, BrokerError, EpochChanged, OffsetOutOfRange, SessionDeleted
 from ._files import FileCache, write_atomic
 from ._meta import check_name, dir_name
-from ._session import NOW, START, SessionActor, SessionInfo
+from ._session import START, SessionActor, SessionInfo
 
 __all__ = ["Broker", "Subscription", "open_broker"]
 

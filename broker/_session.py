@@ -315,7 +315,10 @@ class SessionActor:
                 raise ValueError(f"unknown command {kind!r}")
         except BrokerError as exc:
             reply.fail(exc)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
+            # Whatever went wrong, the caller gets an answer, never a hang.
+            if not isinstance(exc, (OSError, ValueError, TypeError)):
+                logger.exception("session %r: %s failed", self.name, kind)
             reply.fail(exc)
 
     def _check_append(self, payloads: Sequence[bytes]) -> None:
@@ -402,12 +405,13 @@ class SessionActor:
                            expires_at, False, dict(extra))
 
         durable, files, cfg = self._durable, self._files, self._cfg
+        data = meta.to_json()    # before touching the disk: bad ``extra`` fails here
 
         def make() -> SegmentLog:
             os.makedirs(self.directory, exist_ok=True)
             if durable:
                 fsync_dir(os.path.dirname(self.directory))
-            write_atomic(os.path.join(self.directory, META_FILE), meta.to_json(), durable)
+            write_atomic(os.path.join(self.directory, META_FILE), data, durable)
             return SegmentLog.open(self.directory, files, cfg)
 
         self._attach(meta, await trio.to_thread.run_sync(make))
@@ -415,8 +419,9 @@ class SessionActor:
         return self.info(), True
 
     async def _store_meta(self, meta: SessionMeta) -> None:
+        data = meta.to_json()
         await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
-                                      meta.to_json(), self._durable)
+                                      data, self._durable)
         self.meta = meta
         self._wake()
 

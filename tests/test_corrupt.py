@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,8 @@ import pytest
 import broker
 from broker import _core
 
-HEADER = struct.Struct("<IHHqq")      # length, flags, reserved, offset, timestamp
+from _disk import HEADER, parse_segment, read_all, segment_files
+
 OVERHEAD = HEADER.size + 4            # + CRC-32 trailer
 
 
@@ -27,45 +27,12 @@ def session_dir(data: Path, name: str) -> Path:
     return data / "sessions" / name       # the tests' names need no escaping
 
 
-def segment_files(d: Path) -> list[Path]:
-    return sorted(d.glob("*.log"))
-
-
-def parse_segment(path: Path) -> list[tuple[int, int, bytes]]:
-    """(file position, offset, payload) of each record; the file must be whole."""
-    data = path.read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        length, _flags, reserved, offset, _ts = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        (crc,) = struct.unpack_from("<I", data, end)
-        assert reserved == 0 and crc == zlib.crc32(data[pos:end]), (path, pos)
-        out.append((pos, offset, data[pos + HEADER.size:end]))
-        pos = end + 4
-    assert pos == len(data), path
-    return out
-
-
 def flip(path: Path, pos: int, mask: int = 0x01) -> None:
     with open(path, "r+b") as f:
         f.seek(pos)
         (byte,) = f.read(1)
         f.seek(pos)
         f.write(bytes([byte ^ mask]))
-
-
-async def read_all(b: broker.Broker, name: str) -> list[bytes]:
-    """Every record from START on, checking that offsets run on from 0."""
-    info = await b.info(name)
-    assert info.start_offset == 0
-    got: list[bytes] = []
-    while len(got) < info.next_offset:
-        batch = await b.read(name, len(got), max_records=64)
-        assert batch.first_offset == len(got) and len(batch) > 0
-        assert [o for o, _, _ in batch] == list(range(len(got), len(got) + len(batch)))
-        got.extend(batch.payloads())
-    assert not await b.read(name, len(got))      # nothing past next_offset
-    return got
 
 
 async def read_each(b: broker.Broker, name: str, offsets: range) -> list[bytes]:

@@ -14,10 +14,8 @@ import logging
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,51 +25,17 @@ import trio
 import broker
 from broker import _core
 
+from _disk import HEADER, parse_segment, read_all, segment_files
+
 CHILD = Path(__file__).with_name("_crash_child.py")
 _spec = importlib.util.spec_from_file_location("_crash_child", CHILD)
 assert _spec is not None and _spec.loader is not None
 child = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(child)
 
-HEADER = struct.Struct("<IHHqq")      # length, flags, reserved, offset, timestamp
 
 
 # ------------------------------------------------------------------- helpers
-
-def segment_files(session_dir: Path) -> list[Path]:
-    return sorted(session_dir.glob("*.log"))
-
-
-def parse_segment(path: Path) -> list[tuple[int, int, bytes]]:
-    """(file position, offset, payload) of each record; the file must be whole."""
-    data = path.read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        length, _flags, reserved, offset, _ts = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        (crc,) = struct.unpack_from("<I", data, end)
-        assert reserved == 0 and crc == zlib.crc32(data[pos:end]), (path, pos)
-        out.append((pos, offset, data[pos + HEADER.size:end]))
-        pos = end + 4
-    assert pos == len(data), path
-    return out
-
-
-async def read_all(b: broker.Broker, name: str) -> list[bytes]:
-    """Every record from START to the end, checking offsets run on from 0."""
-    info = await b.info(name)
-    assert info.start_offset == 0
-    got: list[bytes] = []
-    while len(got) < info.next_offset:
-        batch = await b.read(name, len(got), max_records=500)
-        assert batch.first_offset == len(got) and len(batch) > 0
-        for i, (offset, _ts, view) in enumerate(batch):
-            assert offset == len(got) + i
-        got.extend(batch.payloads())
-        assert batch.next_offset == len(got)
-    assert not await b.read(name, len(got))      # nothing past next_offset
-    return got
-
 
 class _Lines:
     """Whole lines from a trio stream; a partial last line is never returned."""
