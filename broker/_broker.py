@@ -129,17 +129,20 @@ class Broker:
         expiry returns it with ``created`` False; any difference raises
         SessionExists.
         """
-        return await self._call(name, "create", {
+        result: tuple[SessionInfo, bool] = await self._call(name, "create", {
             "content_type": content_type, "ttl_s": ttl_s, "expires_at": expires_at,
             "extra": extra or {}})
+        return result
 
     async def append(self, name: str, payload: bytes) -> int:
         """Append one record; return its offset once durable per the fsync policy."""
-        return (await self._call(name, "append", (payload,))).start
+        offsets: range = await self._call(name, "append", (payload,))
+        return offsets.start
 
     async def append_many(self, name: str, payloads: Sequence[bytes]) -> range:
         """Append records atomically as one run of consecutive offsets."""
-        return await self._call(name, "append", list(payloads))
+        offsets: range = await self._call(name, "append", list(payloads))
+        return offsets
 
     async def info(self, name: str) -> SessionInfo:
         actor = await self._actor(name)
@@ -147,7 +150,8 @@ class Broker:
 
     async def close_session(self, name: str) -> SessionInfo:
         """Refuse further appends; readers finish once they reach the end."""
-        return await self._call(name, "close")
+        info: SessionInfo = await self._call(name, "close")
+        return info
 
     async def delete(self, name: str) -> None:
         """Remove the session and its files. Its readers get SessionDeleted."""
@@ -155,7 +159,8 @@ class Broker:
 
     async def set_extra(self, name: str, changes: dict[str, Any]) -> SessionInfo:
         """Merge ``changes`` into the session's durable ``extra`` metadata."""
-        return await self._call(name, "set_extra", changes)
+        info: SessionInfo = await self._call(name, "set_extra", changes)
+        return info
 
     async def read(self, name: str, offset: int = START, *, max_records: int | None = None,
                    max_bytes: int | None = None) -> _core.Batch:

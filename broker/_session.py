@@ -291,6 +291,7 @@ class SessionActor:
                     await self._do_delete()
             if kind == "append":
                 self._check_append(arg)
+                assert self.log is not None
                 self._pending.append((reply, self.log.next_offset + len(batch), len(arg)))
                 self._pending_records += len(arg)
                 batch.extend(arg)
@@ -304,7 +305,8 @@ class SessionActor:
             elif kind == "close":
                 reply.set(await self._do_close())
             elif kind == "delete":
-                reply.set(await self._do_delete())
+                await self._do_delete()
+                reply.set(None)
             elif kind == "set_extra":
                 reply.set(await self._do_set_extra(arg))
             elif kind == "info":
