@@ -114,6 +114,7 @@ async def test_delete_tells_followers_and_recreate_changes_epoch(b: broker.Broke
             n.start_soon(wait_next)
             await trio.testing.wait_all_tasks_blocked()
             await b.delete("s")
+    assert not (Path(b.data_dir) / "sessions" / "s").exists()      # files removed
     with pytest.raises(broker.SessionNotFound):
         await b.read("s")
     new, created = await b.create("s")
