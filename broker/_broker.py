@@ -122,16 +122,19 @@ class Broker:
 
     async def create(self, name: str, *, content_type: str = "application/octet-stream",
                      ttl_s: float | None = None, expires_at: float | None = None,
-                     extra: dict[str, Any] | None = None) -> tuple[SessionInfo, bool]:
+                     extra: dict[str, Any] | None = None, closed: bool = False,
+                     initial: Sequence[bytes] = ()) -> tuple[SessionInfo, bool]:
         """Create a session; return (info, created).
 
-        Creating a session that exists with the same content type, TTL and
-        expiry returns it with ``created`` False; any difference raises
-        SessionExists.
+        ``initial`` records are appended, and ``closed`` applied, as part of
+        the create.  Creating a session that exists with the same media type,
+        TTL, expiry and closed state returns it with ``created`` False (and
+        appends nothing); any difference raises SessionExists.  ``ttl_s`` is a
+        sliding window: the session expires ``ttl_s`` after its last use.
         """
         result: tuple[SessionInfo, bool] = await self._call(name, "create", {
             "content_type": content_type, "ttl_s": ttl_s, "expires_at": expires_at,
-            "extra": extra or {}})
+            "extra": extra or {}, "closed": closed, "initial": list(initial)})
         return result
 
     async def append(self, name: str, payload: bytes) -> int:
@@ -144,8 +147,17 @@ class Broker:
         offsets: range = await self._call(name, "append", list(payloads))
         return offsets
 
-    async def info(self, name: str) -> SessionInfo:
+    async def _live(self, name: str) -> SessionActor:
+        """The session's actor, after applying expiry (an expired session is
+        deleted and reads as not found)."""
         actor = await self._actor(name)
+        if actor.expired():
+            await self._call(name, "expire")
+            actor = await self._actor(name)
+        return actor
+
+    async def info(self, name: str) -> SessionInfo:
+        actor = await self._live(name)
         return actor.info()
 
     async def close_session(self, name: str) -> SessionInfo:
@@ -165,7 +177,8 @@ class Broker:
     async def read(self, name: str, offset: int = START, *, max_records: int | None = None,
                    max_bytes: int | None = None) -> _core.Batch:
         """Durable records from ``offset`` (or START, NOW); empty at the end."""
-        actor = await self._actor(name)
+        actor = await self._live(name)
+        actor.touch()
         return actor.read(actor.resolve(offset), max_records or self.config.max_batch_records,
                           max_bytes or self.config.max_batch_bytes)
 
@@ -173,7 +186,8 @@ class Broker:
     async def subscribe(self, name: str, offset: int = START, *,
                         epoch: int | None = None) -> AsyncIterator[Subscription]:
         """A cursor on the session from ``offset``: see Subscription."""
-        actor = await self._actor(name)
+        actor = await self._live(name)
+        actor.touch()
         info = actor.info()
         if epoch is not None and epoch != info.epoch:
             raise EpochChanged(name, epoch, info.epoch)
@@ -254,6 +268,7 @@ class Subscription:
         while True:
             actor = await self._live_actor()
             self._check(actor)
+            actor.touch()
             changed = actor.changed
             batch = actor.read(self.offset, max_records or cfg.max_batch_records,
                                max_bytes or cfg.max_batch_bytes)

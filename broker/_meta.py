@@ -50,19 +50,22 @@ class SessionMeta:
     epoch: int                                 # incarnation: new on every create
     content_type: str = "application/octet-stream"
     created_at: float = 0.0                    # Unix seconds
-    ttl_s: float | None = None                 # lifetime from creation, seconds
+    ttl_s: float | None = None                 # idle lifetime: expires ttl_s after last use
     expires_at: float | None = None            # absolute expiry, Unix seconds
     closed: bool = False                       # no more appends
     extra: dict[str, Any] = field(default_factory=dict)  # for transports' own state
 
-    def expiry(self) -> float | None:
+    def expiry(self, last_access: float | None = None) -> float | None:
+        """When the session expires: ``expires_at``, or ``ttl_s`` after the last
+        access (a sliding window; the creation time if never accessed)."""
+        base = self.created_at if last_access is None else last_access
         deadlines = [t for t in (self.expires_at,
-                                 None if self.ttl_s is None else self.created_at + self.ttl_s)
+                                 None if self.ttl_s is None else base + self.ttl_s)
                      if t is not None]
         return min(deadlines) if deadlines else None
 
-    def expired(self, now: float | None = None) -> bool:
-        exp = self.expiry()
+    def expired(self, now: float | None = None, last_access: float | None = None) -> bool:
+        exp = self.expiry(last_access)
         return exp is not None and (time.time() if now is None else now) >= exp
 
     def with_(self, **changes: Any) -> SessionMeta:

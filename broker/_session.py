@@ -82,6 +82,11 @@ class SessionInfo:
     extra: dict[str, Any]
 
 
+def _media_type(content_type: str) -> str:
+    """``Text/Plain; charset=utf-8`` -> ``text/plain``: what create compares."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 class _Reply:
     """A one-shot answer to a command."""
 
@@ -127,6 +132,9 @@ class SessionActor:
         self.committed = 0                    # records below this are durable and readable
         self.changed = trio.Event()           # set when committed, closed or existence changes
         self.readers = 0                      # open subscriptions; keeps the actor alive
+        # Last use, for the sliding TTL.  Kept in memory only: a restart counts as
+        # a use, so it can lengthen a session's life but never cut it short.
+        self.last_access = time.time()
         self.exited = False
         # Private to the actor task:
         self._pending: list[tuple[_Reply, int, int]] = []  # appends written, not yet acked
@@ -168,6 +176,12 @@ class SessionActor:
         if batch is None:
             batch = log.read(offset, self.committed, max_records, max_bytes)
         return batch
+
+    def touch(self) -> None:
+        self.last_access = time.time()
+
+    def expired(self) -> bool:
+        return self.meta is not None and self.meta.expired(last_access=self.last_access)
 
     def resolve(self, offset: int) -> int:
         if self.log is None:
@@ -285,10 +299,12 @@ class SessionActor:
     async def _handle(self, cmd: tuple[str, Any, _Reply], batch: list[bytes]) -> None:
         kind, arg, reply = cmd
         try:
-            if self.meta is not None and self.meta.expired():
+            if self.expired():
                 self._write(batch)
                 if await self._commit():
                     await self._do_delete()
+            if kind in ("append", "close", "set_extra"):
+                self.touch()
             if kind == "append":
                 self._check_append(arg)
                 assert self.log is not None
@@ -311,6 +327,8 @@ class SessionActor:
                 reply.set(await self._do_set_extra(arg))
             elif kind == "info":
                 reply.set(self.info())
+            elif kind == "expire":
+                reply.set(None)          # the expiry check above did the work
             elif kind == "sync":
                 reply.set(None)
             else:
@@ -393,15 +411,16 @@ class SessionActor:
     # ------------------------------------------------------------ lifecycle
 
     async def _do_create(self, content_type: str, ttl_s: float | None,
-                         expires_at: float | None, extra: dict[str, Any]) -> tuple[SessionInfo, bool]:
+                         expires_at: float | None, extra: dict[str, Any], closed: bool,
+                         initial: list[bytes]) -> tuple[SessionInfo, bool]:
         if self.meta is not None:
             m = self.meta
-            for field, want in (("content_type", content_type), ("ttl_s", ttl_s),
-                                ("expires_at", expires_at)):
+            if _media_type(m.content_type) != _media_type(content_type):
+                raise SessionExists(self.name, "content type")
+            for field, want in (("ttl_s", ttl_s), ("expires_at", expires_at),
+                                ("closed", closed)):
                 if getattr(m, field) != want:
                     raise SessionExists(self.name, field.replace("_", " "))
-            if m.closed:
-                raise SessionExists(self.name, "state (it is closed)")
             return self.info(), False
         meta = SessionMeta(self.name, self._new_epoch(), content_type, time.time(), ttl_s,
                            expires_at, False, dict(extra))
@@ -417,6 +436,16 @@ class SessionActor:
             return SegmentLog.open(self.directory, files, cfg)
 
         self._attach(meta, await trio.to_thread.run_sync(make))
+        self.touch()
+        if initial:
+            self._check_append(initial)
+            self._pending.append((_Reply(), self.committed, len(initial)))
+            self._pending_records += len(initial)
+            self._write(list(initial))
+            if not await self._commit():
+                raise StorageError("the session's storage failed; retry")
+        if closed:
+            await self._store_meta(meta.with_(closed=True))
         self._wake()
         return self.info(), True
 

@@ -124,6 +124,32 @@ async def test_delete_tells_followers_and_recreate_changes_epoch(b: broker.Broke
             pass
 
 
+async def test_create_with_initial_records_and_closed(b: broker.Broker) -> None:
+    info, created = await b.create("s", content_type="text/plain; charset=utf-8",
+                                   initial=[b"a", b"b"], closed=True)
+    assert created and info.closed and info.next_offset == 2
+    assert (await b.read("s")).payloads() == [b"a", b"b"]
+    again, created = await b.create("s", content_type="Text/Plain", closed=True,
+                                    initial=[b"ignored"])
+    assert not created and again.next_offset == 2      # same media type: idempotent
+    with pytest.raises(broker.SessionExists):
+        await b.create("s", content_type="text/plain")  # differs: not closed
+    with pytest.raises(broker.SessionClosed):
+        await b.append("s", b"c")
+
+
+async def test_ttl_is_a_sliding_window(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s", ttl_s=3600)
+        actor = b._actors["s"]
+        actor.last_access -= 3000          # used 50 minutes ago: still alive
+        await b.append("s", b"x")          # and this use restarts the window
+        assert actor.last_access > actor.meta.created_at  # type: ignore[union-attr]
+        actor.last_access -= 3601          # idle for over an hour: gone
+        with pytest.raises(broker.SessionNotFound):
+            await b.read("s")
+
+
 async def test_expired_session_is_gone(b: broker.Broker) -> None:
     await b.create("short", expires_at=1.0)      # long past
     with pytest.raises(broker.SessionNotFound):
