@@ -156,8 +156,11 @@ class Broker:
             actor = await self._actor(name)
         return actor
 
-    async def info(self, name: str) -> SessionInfo:
+    async def info(self, name: str, *, touch: bool = False) -> SessionInfo:
+        """Metadata and offsets. ``touch`` counts as a use for the sliding TTL."""
         actor = await self._live(name)
+        if touch:
+            actor.touch()
         return actor.info()
 
     async def close_session(self, name: str) -> SessionInfo:
@@ -278,6 +281,15 @@ class Subscription:
             if not wait or self.finished:
                 return batch
             await changed.wait()
+
+    async def wait(self) -> None:
+        """Return once there is something past ``offset`` (or the session was
+        closed or deleted), without reading it."""
+        actor = await self._live_actor()
+        self._check(actor)
+        if actor.committed > self.offset or self.finished:
+            return
+        await actor.changed.wait()
 
     def __aiter__(self) -> Subscription:
         return self

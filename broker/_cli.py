@@ -19,7 +19,8 @@ import trio
 
 from ._broker import open_broker
 from ._config import BrokerConfig, FsyncPolicy
-from ._http import HttpServer
+from ._server import HttpServer
+from ._streams import StreamsApi
 
 log = logging.getLogger("broker")
 
@@ -36,16 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fsync", type=FsyncPolicy.parse,
                    default=FsyncPolicy.parse(env("BROKER_FSYNC", "group")),
                    help="always | group[:Nms[:N]] | never (default group:2ms:1000)")
+    s.add_argument("--long-poll-timeout-ms", type=int,
+                   default=int(env("BROKER_LONG_POLL_TIMEOUT_MS", "30000")),
+                   help="how long a long-poll (and an idle SSE stream) waits at the tail")
+    s.add_argument("--sse-max-s", type=float, default=float(env("BROKER_SSE_MAX_S", "60")),
+                   help="an SSE response ends after this long, so the client reconnects")
     s.add_argument("--log-level", default=env("BROKER_LOG_LEVEL", "INFO"))
     return p
 
 
 async def serve(host: str, port: int, data_dir: str, config: BrokerConfig,
+                long_poll_timeout_s: float = 30.0, sse_max_s: float = 60.0,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGINT or SIGTERM; then stop listening, sync, and return."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_broker(data_dir, config) as broker:
-            server = HttpServer(broker)
+            server = HttpServer(broker, StreamsApi(broker, long_poll_timeout_s, sse_max_s))
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(
                     functools.partial(trio.serve_tcp, server.serve_connection, port, host=host))
@@ -64,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        trio.run(serve, args.host, args.port, args.data_dir, BrokerConfig(fsync=args.fsync))
+        trio.run(serve, args.host, args.port, args.data_dir, BrokerConfig(fsync=args.fsync),
+                 args.long_poll_timeout_ms / 1000, args.sse_max_s)
     return 0
 
 

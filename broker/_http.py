@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import httptools
 import trio
 
-from ._broker import Broker
 
 log = logging.getLogger("broker.http")
 
@@ -38,9 +37,21 @@ class Request:
     body: bytearray = field(default_factory=bytearray)
     keep_alive: bool = True
 
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v.decode("latin-1")
+        return None
+
 
 class BadRequest(Exception):
-    pass
+    """The peer sent something unparseable or over a limit."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class RequestReader:
@@ -71,8 +82,16 @@ class RequestReader:
     def on_body(self, body: bytes) -> None:
         assert self._current is not None
         if len(self._current.body) + len(body) > MAX_BODY_BYTES:
-            raise BadRequest("body too large")
+            raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes", 413, "body_too_large")
         self._current.body += body
+
+    def on_headers_complete(self) -> None:
+        assert self._current is not None
+        for name, value in self._current.headers:
+            if name == b"content-length" and value.strip().isdigit() \
+                    and int(value) > MAX_BODY_BYTES:
+                raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes", 413,
+                                 "body_too_large")
 
     def on_message_complete(self) -> None:
         req = self._current
@@ -94,57 +113,101 @@ class RequestReader:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise BadRequest("upgrade not supported yet") from None
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, BadRequest):
+                raise cause from None
+            raise BadRequest(str(exc)) from None
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc)) from None
         ready, self._ready = self._ready, []
         return ready
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
+            400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 410: "Gone",
+            413: "Content Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable"}
+
+# Sent on every response: CORS for browsers, and the security headers the
+# Durable Streams spec lists.
+_COMMON = (
+    b"access-control-allow-origin: *\r\n"
+    b"access-control-allow-methods: GET, POST, PUT, DELETE, HEAD, OPTIONS\r\n"
+    b"access-control-allow-headers: content-type, authorization, Stream-Seq, Stream-TTL, "
+    b"Stream-Expires-At, Stream-Closed, Producer-Id, Producer-Epoch, Producer-Seq, "
+    b"Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, If-None-Match\r\n"
+    b"access-control-expose-headers: Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, "
+    b"Stream-Closed, Stream-Earliest-Offset, Producer-Epoch, Producer-Seq, "
+    b"Producer-Expected-Seq, Producer-Received-Seq, etag, content-type, content-encoding, "
+    b"vary\r\n"
+    b"x-content-type-options: nosniff\r\n"
+    b"cross-origin-resource-policy: cross-origin\r\n"
+)
+
+Headers = list[tuple[str, str]]
+
+
+def head_bytes(status: int, headers: Headers, length: int | None,
+               keep_alive: bool = True) -> bytes:
+    """Status line and headers; ``length`` None means chunked."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n".encode()]
+    lines.extend(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers)
+    lines.append(_COMMON)
+    if length is None:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    elif status not in (204, 304):
+        lines.append(b"content-length: %d\r\n" % length)
+    if not keep_alive:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def response(status: int, body: bytes, content_type: str = "application/json",
-             keep_alive: bool = True) -> bytes:
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
-            f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n")
-    return head.encode() + body
+             keep_alive: bool = True, headers: Headers | None = None) -> bytes:
+    headers = headers or []
+    has_ct = any(k.lower() == "content-type" for k, _ in headers)
+    hs = [("content-type", content_type)] if (body or status >= 400) and not has_ct else []
+    return head_bytes(status, hs + headers, len(body), keep_alive) + body
 
 
 def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
-class HttpServer:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+def error(status: int, code: str, message: str, headers: Headers | None = None) -> bytes:
+    return response(status, error_body(code, message), headers=headers)
 
-    def handle(self, req: Request) -> bytes:
-        path = req.target.split("?", 1)[0]
-        if path == "/healthz":
-            if req.method not in ("GET", "HEAD"):
-                return response(405, error_body("method_not_allowed", "use GET"))
-            return response(200, b'{"status":"ok"}', keep_alive=req.keep_alive)
-        return response(404, error_body("not_found", f"no route for {path}"),
-                        keep_alive=req.keep_alive)
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
-        reader = RequestReader()
-        try:
-            async with stream:
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    try:
-                        requests = reader.feed(data)
-                    except BadRequest as exc:
-                        await stream.send_all(response(400, error_body("bad_request", str(exc)),
-                                                       keep_alive=False))
-                        return
-                    if requests:
-                        await stream.send_all(b"".join(self.handle(r) for r in requests))
-                        if not requests[-1].keep_alive:
-                            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+class Responder:
+    """How a handler answers: one whole response, or a chunked stream."""
+
+    def __init__(self, stream: trio.abc.Stream, method: str) -> None:
+        self._stream = stream
+        self.head_only = method == "HEAD"
+        self.sent = False
+
+    async def send(self, data: bytes) -> None:
+        """A whole response built with ``response``/``error``."""
+        if self.head_only:
+            data = data[: data.index(b"\r\n\r\n") + 4]
+        self.sent = True
+        await self._stream.send_all(data)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.sent = True
+        await self._stream.send_all(head_bytes(status, headers, None))
+
+    async def chunk(self, data: bytes) -> None:
+        if data:
+            await self._stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def end(self) -> None:
+        await self._stream.send_all(b"0\r\n\r\n")
+
+
+def error_response(exc: BadRequest) -> bytes:
+    return response(exc.status, error_body(exc.code, str(exc)), keep_alive=False)
+

@@ -1,0 +1,87 @@
+"""The HTTP/1.1 listener: one task per connection, requests answered in order.
+
+Theory of operation
+-------------------
+Each connection task reads 64 KiB at a time and feeds the sans-IO
+``RequestReader`` (_http.py), which hands back whole requests.  Requests on a
+connection are answered one after another (HTTP/1.1 keep-alive and
+pipelining); a handler answers through a ``Responder``, either with one
+response or as a chunked stream (SSE).  Garbage on a connection gets a 400 and
+that connection is closed; no other connection notices.
+
+Routes: ``/healthz``; the Durable Streams API under ``/v1/stream/`` (_streams.py);
+the WebSocket upgrade at ``/v1/ws`` will plug in here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ._broker import Broker
+from ._http import (
+    BadRequest,
+    Request,
+    RequestReader,
+    Responder,
+    error,
+    error_body,
+    error_response,
+    response,
+)
+from ._streams import STREAM_PREFIX, StreamsApi
+
+log = logging.getLogger("broker.http")
+
+
+class HttpServer:
+    """Routes requests: /healthz, and the Durable Streams API under /v1/stream/."""
+
+    def __init__(self, broker: Broker, streams: StreamsApi | None = None) -> None:
+        self.broker = broker
+        self.streams = streams or StreamsApi(broker)
+
+    async def handle(self, req: Request, out: Responder) -> None:
+        path = req.target.split("?", 1)[0]
+        if path.startswith(STREAM_PREFIX):
+            await self.streams.handle(req, out)
+        elif path == "/healthz":
+            if req.method not in ("GET", "HEAD"):
+                await out.send(error(405, "method_not_allowed", "use GET"))
+            else:
+                await out.send(response(200, b'{"status":"ok"}', keep_alive=req.keep_alive))
+        elif req.method == "OPTIONS":
+            await out.send(response(204, b""))
+        else:
+            await out.send(response(404, error_body("not_found", f"no route for {path}"),
+                                    keep_alive=req.keep_alive))
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        reader = RequestReader()
+        try:
+            async with stream:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    try:
+                        requests = reader.feed(data)
+                    except BadRequest as exc:
+                        await stream.send_all(error_response(exc))
+                        return
+                    for req in requests:
+                        out = Responder(stream, req.method)
+                        try:
+                            await self.handle(req, out)
+                        except Exception:
+                            log.exception("%s %s failed", req.method, req.target)
+                            if not out.sent:
+                                await stream.send_all(error(500, "internal", "internal error"))
+                            return
+                        if not req.keep_alive:
+                            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+

@@ -1,0 +1,394 @@
+"""The Durable Streams HTTP API at /v1/stream/<path>, on top of the session core.
+
+Theory of operation
+-------------------
+A Durable Streams *stream* is a broker *session* named by the URL path after
+``/v1/stream/``.  Each request is a handful of broker calls:
+
+* ``PUT`` creates (idempotently; 409 when the settings differ), optionally with
+  initial data and already closed.
+* ``POST`` appends.  In byte mode the body is one record.  In JSON mode
+  (``application/json``) the body is parsed; an array is flattened one level
+  and each element becomes its own record, stored as compact JSON text.  A
+  ``Stream-Closed: true`` header closes the stream, after the data if any.
+* ``GET`` reads from ``offset``: catch-up (one batch), ``live=long-poll``
+  (waits up to the long-poll timeout at the tail, then 204) or ``live=sse``
+  (a chunked ``text/event-stream`` of data and control events, closed after
+  ``sse_max_s`` so clients reconnect and caches turn over).
+* ``HEAD`` and ``DELETE`` map to info and delete.
+
+Offsets on the wire are ``0000000000000000_<record offset, 16 digits>``: the
+offset of the next record to read, zero-padded so strings sort like numbers.
+The part before ``_`` is reserved (always 0 today).  They are the broker's own
+record offsets, so they survive restarts and mean the same thing on every
+transport.  ``-1`` means the oldest retained record and ``now`` the tail.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import math
+import random
+import re
+import time
+import urllib.parse
+from typing import Any
+
+import trio
+
+from . import _core
+from ._broker import Broker
+from ._errors import (
+    BrokerError,
+    InvalidSessionName,
+    OffsetOutOfRange,
+    OffsetTooOld,
+    RecordTooLarge,
+    SessionClosed,
+    SessionExists,
+    SessionNotFound,
+)
+from ._http import Headers, Request, Responder, error, response
+from ._session import NOW, START, SessionInfo
+
+STREAM_PREFIX = "/v1/stream/"
+
+_OFFSET_RE = re.compile(r"(\d{1,20})_(\d{1,20})")
+_TTL_RE = re.compile(r"0|[1-9]\d{0,15}")
+_CURSOR_EPOCH = datetime.datetime(2024, 10, 9, tzinfo=datetime.UTC).timestamp()
+_CURSOR_INTERVAL_S = 20
+_DEFAULT_CT = "application/octet-stream"
+_CT_RE = re.compile(r"[\w.+-]+/[\w.+-]+")
+
+
+class _Fail(Exception):
+    """An HTTP error answer, raised from deep in a handler."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Headers | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.headers = headers or []
+
+
+# ---------------------------------------------------------------- offsets
+
+def format_offset(offset: int) -> str:
+    return f"{0:016d}_{offset:016d}"
+
+
+def parse_offset(text: str) -> int:
+    """A wire offset, ``-1`` or ``now`` -> a record offset, START or NOW."""
+    if text == "-1":
+        return START
+    if text == "now":
+        return NOW
+    m = _OFFSET_RE.fullmatch(text)
+    if m is None or int(m.group(1)) != 0:
+        raise _Fail(400, "bad_offset", f"malformed offset {text!r}")
+    return int(m.group(2))
+
+
+def _cursor(client: str | None) -> str:
+    """Stream-Cursor: the current 20 s interval, always past the client's own
+    (with jitter), so CDN-collapsed long-polls never loop on one cached answer."""
+    now = int((time.time() - _CURSOR_EPOCH) // _CURSOR_INTERVAL_S)
+    try:
+        theirs = int(client) if client else -1
+    except ValueError:
+        theirs = -1
+    if theirs < now:
+        return str(now)
+    return str(theirs + max(1, math.ceil(random.randint(1, 3600) / _CURSOR_INTERVAL_S)))
+
+
+def _media(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(content_type: str) -> bool:
+    return _media(content_type) == "application/json"
+
+
+def _is_text(content_type: str) -> bool:
+    m = _media(content_type)
+    return m.startswith("text/") or m == "application/json"
+
+
+def _json_records(body: bytes, allow_empty: bool) -> list[bytes]:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _Fail(400, "bad_json", "the body is not valid JSON") from None
+    items = value if isinstance(value, list) else [value]
+    if not items and not allow_empty:
+        raise _Fail(400, "empty_array", "an empty JSON array appends nothing")
+    return [json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode() for v in items]
+
+
+def _json_body(batch: _core.Batch) -> bytes:
+    return b"[" + b",".join(batch.payloads()) + b"]"
+
+
+def _etag(name: str, start: str, end: str, closed: bool) -> str:
+    tag = base64.b64encode(name.encode()).decode()
+    return f'"{tag}:{start}:{end}{":c" if closed else ""}"'
+
+
+def _expires_header(info: SessionInfo) -> str | None:
+    raw = info.extra.get("expires_at_raw")
+    return raw if isinstance(raw, str) else None
+
+
+# ------------------------------------------------------------------- the API
+
+class StreamsApi:
+    def __init__(self, broker: Broker, long_poll_timeout_s: float = 30.0,
+                 sse_max_s: float = 60.0) -> None:
+        self.broker = broker
+        self.long_poll_timeout_s = long_poll_timeout_s
+        self.sse_max_s = sse_max_s
+
+    async def handle(self, req: Request, out: Responder) -> None:
+        path, _, query = req.target.partition("?")
+        name = urllib.parse.unquote(path[len(STREAM_PREFIX):])
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        try:
+            if not name:
+                raise _Fail(404, "not_found", "no stream named")
+            if req.method == "PUT":
+                await self._put(name, req, out)
+            elif req.method == "POST":
+                await self._post(name, req, out)
+            elif req.method == "HEAD":
+                await self._head(name, out)
+            elif req.method == "GET":
+                await self._get(name, req, params, out)
+            elif req.method == "DELETE":
+                await self.broker.delete(name)
+                await out.send(response(204, b""))
+            elif req.method == "OPTIONS":
+                await out.send(response(204, b""))
+            else:
+                raise _Fail(405, "method_not_allowed", f"{req.method} is not supported")
+        except _Fail as f:
+            await out.send(error(f.status, f.code, str(f), f.headers))
+        except SessionNotFound:
+            await out.send(error(404, "session_not_found", f"stream {name!r} not found"))
+        except InvalidSessionName as exc:
+            await out.send(error(400, exc.code, str(exc)))
+        except SessionExists as exc:
+            await out.send(error(409, exc.code, str(exc)))
+        except OffsetTooOld as exc:
+            await out.send(error(410, exc.code, str(exc), [
+                ("Stream-Earliest-Offset", format_offset(exc.earliest))]))
+        except OffsetOutOfRange as exc:
+            await out.send(error(400, exc.code, str(exc)))
+        except RecordTooLarge as exc:
+            await out.send(error(413, exc.code, str(exc)))
+        except BrokerError as exc:
+            await out.send(error(500 if exc.code in ("internal", "storage_error") else 409,
+                                 exc.code, str(exc)))
+
+    # ------------------------------------------------------------ PUT
+
+    async def _put(self, name: str, req: Request, out: Responder) -> None:
+        if req.header(b"stream-forked-from") is not None:
+            raise _Fail(501, "not_implemented", "forks are not supported yet")
+        ct = req.header(b"content-type") or ""
+        if not _CT_RE.match(ct.strip()):
+            ct = _DEFAULT_CT
+        ttl_h, exp_h = req.header(b"stream-ttl"), req.header(b"stream-expires-at")
+        if ttl_h is not None and exp_h is not None:
+            raise _Fail(400, "bad_ttl", "Stream-TTL and Stream-Expires-At are exclusive")
+        ttl: float | None = None
+        expires: float | None = None
+        extra: dict[str, Any] = {}
+        if ttl_h is not None:
+            if not _TTL_RE.fullmatch(ttl_h):
+                raise _Fail(400, "bad_ttl", f"bad Stream-TTL {ttl_h!r}")
+            ttl = float(int(ttl_h))
+        if exp_h is not None:
+            try:
+                expires = datetime.datetime.fromisoformat(exp_h.strip()).timestamp()
+            except ValueError:
+                raise _Fail(400, "bad_expires_at", f"bad Stream-Expires-At {exp_h!r}") from None
+            extra["expires_at_raw"] = exp_h
+        closed = (req.header(b"stream-closed") or "").lower() == "true"
+        body = bytes(req.body)
+        initial = (_json_records(body, allow_empty=True) if body and _is_json(ct)
+                   else [body] if body else [])
+        info, created = await self.broker.create(name, content_type=ct, ttl_s=ttl,
+                                                 expires_at=expires, extra=extra,
+                                                 closed=closed, initial=initial)
+        headers: Headers = [("content-type", info.content_type),
+                            ("Stream-Next-Offset", format_offset(info.next_offset))]
+        if created:
+            host = req.header(b"host") or "localhost"
+            headers.append(("location", f"http://{host}{STREAM_PREFIX}{urllib.parse.quote(name)}"))
+        if info.closed:
+            headers.append(("Stream-Closed", "true"))
+        await out.send(response(201 if created else 200, b"", headers=headers))
+
+    # ----------------------------------------------------------- HEAD
+
+    async def _head(self, name: str, out: Responder) -> None:
+        info = await self.broker.info(name)
+        nxt = format_offset(info.next_offset)
+        headers: Headers = [("content-type", info.content_type), ("Stream-Next-Offset", nxt),
+                            ("cache-control", "no-store"),
+                            ("etag", _etag(name, "-1", nxt, info.closed))]
+        if info.closed:
+            headers.append(("Stream-Closed", "true"))
+        if info.ttl_s is not None:
+            headers.append(("Stream-TTL", str(int(info.ttl_s))))
+        exp = _expires_header(info)
+        if exp is not None:
+            headers.append(("Stream-Expires-At", exp))
+        await out.send(response(200, b"", headers=headers))
+
+    # ----------------------------------------------------------- POST
+
+    async def _post(self, name: str, req: Request, out: Responder) -> None:
+        if any(req.header(h) is not None
+               for h in (b"producer-id", b"producer-epoch", b"producer-seq")):
+            raise _Fail(501, "not_implemented", "idempotent producers are not supported yet")
+        if req.header(b"stream-seq") is not None:
+            raise _Fail(501, "not_implemented", "Stream-Seq is not supported yet")
+        close = (req.header(b"stream-closed") or "").lower() == "true"
+        body = bytes(req.body)
+        if not body:
+            if not close:
+                raise _Fail(400, "empty_body", "an append needs a body")
+            info = await self.broker.close_session(name)
+            await out.send(response(204, b"", headers=[
+                ("Stream-Next-Offset", format_offset(info.next_offset)),
+                ("Stream-Closed", "true")]))
+            return
+        ct = req.header(b"content-type")
+        if not ct:
+            raise _Fail(400, "content_type_required", "an append needs a Content-Type")
+        info = await self.broker.info(name, touch=True)
+        if _media(ct) != _media(info.content_type):
+            raise _Fail(409, "content_type_mismatch",
+                        f"the stream holds {info.content_type}, not {ct}")
+        records = _json_records(body, allow_empty=False) if _is_json(ct) else [body]
+        try:
+            offsets = await self.broker.append_many(name, records)
+        except SessionClosed:
+            info = await self.broker.info(name)
+            raise _Fail(409, "session_closed", "the stream is closed", [
+                ("Stream-Closed", "true"),
+                ("Stream-Next-Offset", format_offset(info.next_offset))]) from None
+        headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop))]
+        if close:
+            await self.broker.close_session(name)
+            headers.append(("Stream-Closed", "true"))
+        await out.send(response(204, b"", headers=headers))
+
+    # ------------------------------------------------------------ GET
+
+    async def _get(self, name: str, req: Request, params: dict[str, list[str]],
+                   out: Responder) -> None:
+        offsets = params.get("offset")
+        if offsets is not None and len(offsets) > 1:
+            raise _Fail(400, "bad_offset", "more than one offset parameter")
+        raw = offsets[0] if offsets else None
+        if raw == "":
+            raise _Fail(400, "bad_offset", "empty offset parameter")
+        live = params.get("live", [None])[0]
+        if live not in (None, "long-poll", "sse"):
+            raise _Fail(400, "bad_live", f"unknown live mode {live!r}")
+        if live is not None and raw is None:
+            raise _Fail(400, "bad_offset", f"live={live} needs an offset")
+        offset = parse_offset(raw) if raw is not None else START
+        cursor = params.get("cursor", [None])[0]
+        info = await self.broker.info(name, touch=True)
+        if live == "sse":
+            await self._sse(name, info, offset, cursor, out)
+            return
+        ct = info.content_type
+        if offset == NOW and live is None:
+            headers: Headers = [("content-type", ct),
+                                ("Stream-Next-Offset", format_offset(info.next_offset)),
+                                ("Stream-Up-To-Date", "true"), ("cache-control", "no-store")]
+            if info.closed:
+                headers.append(("Stream-Closed", "true"))
+            await out.send(response(200, b"[]" if _is_json(ct) else b"",
+                                    content_type=ct, headers=headers))
+            return
+        async with self.broker.subscribe(name, offset) as sub:
+            batch = await sub.next(wait=False)
+            if not batch and live == "long-poll" and not sub.finished:
+                with trio.move_on_after(self.long_poll_timeout_s):
+                    batch = await sub.next()
+            info = await self.broker.info(name)
+            nxt = format_offset(sub.offset)
+            at_tail = sub.offset >= info.next_offset
+            closed_here = info.closed and at_tail
+            headers = [("Stream-Next-Offset", nxt)]
+            if at_tail:
+                headers.append(("Stream-Up-To-Date", "true"))
+            if live == "long-poll" and not closed_here:
+                headers.append(("Stream-Cursor", _cursor(cursor)))
+            if closed_here:
+                headers.append(("Stream-Closed", "true"))
+            if not batch and live == "long-poll":
+                await out.send(response(204, b"", headers=headers))
+                return
+            etag = _etag(name, raw if raw is not None else "-1", nxt, closed_here)
+            headers.append(("etag", etag))
+            if req.header(b"if-none-match") == etag:
+                await out.send(response(304, b"", headers=[("etag", etag)]))
+                return
+            body = _json_body(batch) if _is_json(ct) else batch.join()
+            await out.send(response(200, body, content_type=ct, headers=headers))
+
+    # ------------------------------------------------------------ SSE
+
+    async def _sse(self, name: str, info: SessionInfo, offset: int, cursor: str | None,
+                   out: Responder) -> None:
+        ct = info.content_type
+        binary = not _is_text(ct)
+        headers: Headers = [("content-type", "text/event-stream"),
+                            ("cache-control", "no-cache")]
+        if binary:
+            headers.append(("stream-sse-data-encoding", "base64"))
+        async with self.broker.subscribe(name, offset) as sub:
+            await out.start(200, headers)
+            with trio.move_on_after(self.sse_max_s):
+                while True:
+                    batch = await sub.next(wait=False)
+                    if batch:
+                        if _is_json(ct):
+                            data = _json_body(batch).decode()
+                        elif binary:
+                            data = base64.b64encode(batch.join()).decode()
+                        else:
+                            data = batch.join().decode("utf-8", "replace")
+                        await out.chunk(_sse_event("data", data))
+                    info = await self.broker.info(name)
+                    at_tail = sub.offset >= info.next_offset
+                    control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
+                    if info.closed and at_tail:
+                        control["streamClosed"] = True
+                        await out.chunk(_sse_event("control", json.dumps(control)))
+                        break
+                    control["streamCursor"] = _cursor(cursor)
+                    if at_tail:
+                        control["upToDate"] = True
+                    await out.chunk(_sse_event("control", json.dumps(control)))
+                    if at_tail:
+                        with trio.move_on_after(self.long_poll_timeout_s):
+                            await sub.wait()
+            await out.end()
+
+
+def _sse_event(kind: str, data: str) -> bytes:
+    # Every line of the payload gets its own data: field (CR, LF and CRLF all
+    # end lines in SSE), so a payload can never inject an event of its own.
+    lines = re.split(r"\r\n|\r|\n", data)
+    return (f"event: {kind}\n" + "".join(f"data:{line}\n" for line in lines) + "\n").encode()
