@@ -19,6 +19,7 @@ from ._errors import InvalidSessionName as InvalidSessionName
 from ._errors import OffsetOutOfRange as OffsetOutOfRange
 from ._errors import OffsetTooOld as OffsetTooOld
 from ._errors import RecordTooLarge as RecordTooLarge
+from ._errors import SequenceConflict as SequenceConflict
 from ._errors import SessionClosed as SessionClosed
 from ._errors import SessionDeleted as SessionDeleted
 from ._errors import SessionExists as SessionExists

@@ -142,9 +142,18 @@ class Broker:
         offsets: range = await self._call(name, "append", (payload,))
         return offsets.start
 
-    async def append_many(self, name: str, payloads: Sequence[bytes]) -> range:
-        """Append records atomically as one run of consecutive offsets."""
-        offsets: range = await self._call(name, "append", list(payloads))
+    async def append_many(self, name: str, payloads: Sequence[bytes], *,
+                          seq: str | None = None) -> range:
+        """Append records atomically as one run of consecutive offsets.
+
+        With ``seq`` (writer coordination, Durable Streams' Stream-Seq), the
+        append is refused with SequenceConflict unless ``seq`` sorts after the
+        last one accepted on this session.
+        """
+        if seq is not None:
+            offsets: range = await self._call(name, "append_seq", (list(payloads), seq))
+        else:
+            offsets = await self._call(name, "append", list(payloads))
         return offsets
 
     async def _live(self, name: str) -> SessionActor:

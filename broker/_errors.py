@@ -83,6 +83,17 @@ class OffsetOutOfRange(BrokerError):
         self.next_offset = next_offset
 
 
+class SequenceConflict(BrokerError):
+    """An append's writer sequence (Stream-Seq) is not above the last one."""
+
+    code = "sequence_conflict"
+
+    def __init__(self, seq: str, last: str) -> None:
+        super().__init__(f"sequence {seq!r} is not greater than the last one, {last!r}")
+        self.seq = seq
+        self.last = last
+
+
 class RecordTooLarge(BrokerError, ValueError):
     code = "record_too_large"
 

@@ -50,6 +50,7 @@ from ._errors import (
     OffsetOutOfRange,
     OffsetTooOld,
     RecordTooLarge,
+    SequenceConflict,
     SessionClosed,
     SessionExists,
     SessionNotFound,
@@ -141,6 +142,7 @@ class SessionActor:
         self._pending_records = 0
         self._group_deadline = math.inf
         self._durable = config.fsync.mode != "never"   # metadata fsyncs follow the policy
+        self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
 
     # ------------------------------------------------------------------ api
 
@@ -303,8 +305,19 @@ class SessionActor:
                 self._write(batch)
                 if await self._commit():
                     await self._do_delete()
-            if kind in ("append", "close", "set_extra"):
+            if kind in ("append", "append_seq", "close", "set_extra"):
                 self.touch()
+            if kind == "append_seq":
+                # Writer coordination: the sequence must rise (as a string).
+                # It is made durable in the same commit that acknowledges the data.
+                arg, seq = arg
+                self._check_append(arg)
+                assert self.meta is not None
+                last = self._seq if self._seq is not None else self.meta.extra.get("stream_seq")
+                if isinstance(last, str) and seq <= last:
+                    raise SequenceConflict(seq, last)
+                self._seq = seq
+                kind = "append"
             if kind == "append":
                 self._check_append(arg)
                 assert self.log is not None
@@ -399,6 +412,19 @@ class SessionActor:
                 return False
             finally:
                 log.end_sync(paths, ok, directory)
+        if self._seq is not None and self.meta is not None \
+                and self.meta.extra.get("stream_seq") != self._seq:
+            try:
+                await self._store_meta(self.meta.with_(
+                    extra={**self.meta.extra, "stream_seq": self._seq}))
+            except OSError as exc:
+                logger.error("session %r: storing the writer sequence failed: %s",
+                             self.name, exc)
+                for reply, _, _ in self._pending:
+                    reply.fail(StorageError(f"storing the writer sequence failed: {exc}"))
+                self._pending.clear()
+                self._pending_records = 0
+                return False
         if log.next_offset != self.committed:
             self.committed = log.next_offset
             self._wake()
@@ -475,6 +501,7 @@ class SessionActor:
         log = self.log
         self.meta = None
         self.log = None
+        self._seq = None
         self.ring.reset(0)
         self.committed = 0
         self._wake()

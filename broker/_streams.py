@@ -46,6 +46,7 @@ from ._errors import (
     OffsetOutOfRange,
     OffsetTooOld,
     RecordTooLarge,
+    SequenceConflict,
     SessionClosed,
     SessionExists,
     SessionNotFound,
@@ -180,7 +181,7 @@ class StreamsApi:
             await out.send(error(404, "session_not_found", f"stream {name!r} not found"))
         except InvalidSessionName as exc:
             await out.send(error(400, exc.code, str(exc)))
-        except SessionExists as exc:
+        except (SessionExists, SequenceConflict) as exc:
             await out.send(error(409, exc.code, str(exc)))
         except OffsetTooOld as exc:
             await out.send(error(410, exc.code, str(exc), [
@@ -256,8 +257,7 @@ class StreamsApi:
         if any(req.header(h) is not None
                for h in (b"producer-id", b"producer-epoch", b"producer-seq")):
             raise _Fail(501, "not_implemented", "idempotent producers are not supported yet")
-        if req.header(b"stream-seq") is not None:
-            raise _Fail(501, "not_implemented", "Stream-Seq is not supported yet")
+        seq = req.header(b"stream-seq")
         close = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
         if not body:
@@ -277,7 +277,7 @@ class StreamsApi:
                         f"the stream holds {info.content_type}, not {ct}")
         records = _json_records(body, allow_empty=False) if _is_json(ct) else [body]
         try:
-            offsets = await self.broker.append_many(name, records)
+            offsets = await self.broker.append_many(name, records, seq=seq)
         except SessionClosed:
             info = await self.broker.info(name)
             raise _Fail(409, "session_closed", "the stream is closed", [

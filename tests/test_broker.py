@@ -271,3 +271,18 @@ async def test_oversized_record_is_refused_and_nothing_else_is_disturbed(tmp_pat
         assert e.value.code == "record_too_large" and e.value.limit == 100
         assert await b.append("s", b"after") == 1       # the refused batch took no offsets
         assert (await b.read("s")).payloads() == [b"ok", b"after"]
+
+
+async def test_writer_sequence_must_rise_and_survives_restart(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s")
+        await b.append_many("s", [b"a"], seq="09")
+        await b.append_many("s", [b"b"], seq="10")
+        for stale in ("10", "09", "1"):
+            with pytest.raises(broker.SequenceConflict):
+                await b.append_many("s", [b"x"], seq=stale)
+    async with broker.open_broker(tmp_path) as b:
+        with pytest.raises(broker.SequenceConflict):
+            await b.append_many("s", [b"x"], seq="10")
+        assert await b.append_many("s", [b"c"], seq="11") == range(2, 3)
+        assert (await b.read("s")).payloads() == [b"a", b"b", b"c"]
