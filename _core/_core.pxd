@@ -17,7 +17,8 @@ cdef class Batch:
     cdef Py_ssize_t* _start           # per record: payload start inside buffer
     cdef uint32_t* _len               # per record: payload length in bytes
     cdef uint16_t* _flags             # per record: flags word from the record header
-    cdef void* _block                 # the one malloc block holding the four arrays
+    cdef uint16_t* _mlen              # per record: bytes of record meta just before the payload
+    cdef void* _block                 # the one malloc block holding the five arrays
 
     cdef int _alloc(self, Py_ssize_t count) except -1
     cdef Py_ssize_t _check(self, Py_ssize_t i) except -1

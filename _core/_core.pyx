@@ -27,11 +27,15 @@ Record framing (little-endian), 24-byte header, payload, 4-byte trailer::
 
     0   u32  payload length
     4   u16  flags (bits 0-3: compression codec, 0 = none; the rest reserved)
-    6   u16  reserved, must be 0
+    6   u16  meta length m (0 for most records)
     8   i64  offset
     16  i64  timestamp, microseconds since the Unix epoch
-    24  ...  payload
-    24+len  u32  CRC-32 (zlib polynomial) of header and payload
+    24  ...  m bytes of record meta, then len - m bytes of payload
+    24+len  u32  CRC-32 (zlib polynomial) of header, meta and payload
+
+Record meta is storage-level data about a record that is not part of what the
+client appended: today, the idempotent-producer stamp (id, epoch, seq) on the
+last record of a producer's append.  Readers get the payload alone.
 
 Nothing in this module does I/O or knows about Trio; the Python around it does.
 """
@@ -56,7 +60,7 @@ MAX_PAYLOAD = 0x7FFFFFFF
 OK = 0            # stopped at the end of the buffer or at a limit, cleanly
 PARTIAL = 1       # the buffer ends inside a record: read more, or it is torn
 BAD_CHECKSUM = 2  # a record's CRC does not match its bytes
-BAD_HEADER = 3    # impossible length, reserved bits set, or an offset out of sequence
+BAD_HEADER = 3    # impossible length or meta length, or an offset out of sequence
 
 cdef enum:
     _HDR = 24
@@ -115,7 +119,8 @@ cdef class Batch:
         free(self._block)
 
     cdef int _alloc(self, Py_ssize_t count) except -1:
-        cdef Py_ssize_t per = sizeof(int64_t) + sizeof(Py_ssize_t) + sizeof(uint32_t) + sizeof(uint16_t)
+        cdef Py_ssize_t per = (sizeof(int64_t) + sizeof(Py_ssize_t) + sizeof(uint32_t)
+                               + 2 * sizeof(uint16_t))
         cdef char* block
         free(self._block)
         self._block = NULL
@@ -130,6 +135,7 @@ cdef class Batch:
         self._start = <Py_ssize_t*>(block + count * sizeof(int64_t))
         self._len = <uint32_t*>(block + count * (sizeof(int64_t) + sizeof(Py_ssize_t)))
         self._flags = <uint16_t*>(block + count * (sizeof(int64_t) + sizeof(Py_ssize_t) + sizeof(uint32_t)))
+        self._mlen = self._flags + count
         self._count = count
         return 0
 
@@ -154,6 +160,7 @@ cdef class Batch:
             b._start[i] = pos
             b._len[i] = <uint32_t>len(<bytes>items[i])
             b._flags[i] = flags
+            b._mlen[i] = 0
             pos += b._len[i]
         return b
 
@@ -207,6 +214,19 @@ cdef class Batch:
         i = self._check(i)
         return memoryview(self.buffer)[self._start[i]:self._start[i] + self._len[i]]
 
+    def meta(self, Py_ssize_t i):
+        """Record i's meta bytes, or None (records served from the ring have none)."""
+        i = self._check(i)
+        if self._mlen[i] == 0:
+            return None
+        return self.buffer[self._start[i] - self._mlen[i]:self._start[i]]
+
+    def metas(self):
+        """[(offset, meta bytes)] for the records that carry meta."""
+        cdef Py_ssize_t i
+        return [(self._first_offset + i, self.buffer[self._start[i] - self._mlen[i]:self._start[i]])
+                for i in range(self._count) if self._mlen[i]]
+
     def __iter__(self):
         """Yield (offset, timestamp, payload memoryview) for every record."""
         cdef Py_ssize_t i
@@ -250,6 +270,7 @@ cdef class Batch:
             b._start[i] = self._start[start + i]
             b._len[i] = self._len[start + i]
             b._flags[i] = self._flags[start + i]
+            b._mlen[i] = self._mlen[start + i]
         return b
 
     def __repr__(self):
@@ -438,6 +459,7 @@ cdef class Ring:
             b._start[i] = pos
             b._len[i] = self._len[s]
             b._flags[i] = self._flags[s]
+            b._mlen[i] = 0
             pos += self._len[s]
         return b
 
@@ -562,15 +584,17 @@ cdef class SparseIndex:
 # ------------------------------------------------------------- record framing
 
 def encode(int64_t first_offset, int64_t timestamp, payloads, uint16_t flags=0,
-           SparseIndex index=None, int64_t file_pos=0):
+           SparseIndex index=None, int64_t file_pos=0, dict metas=None):
     """Frame ``payloads`` as consecutive records, in one bytes object.
 
     When ``index`` is given, entries are noted for records that start at
-    ``file_pos`` plus their place in the output.
+    ``file_pos`` plus their place in the output.  ``metas`` maps a record's
+    place in ``payloads`` to its meta bytes (at most 65,535).
     """
     cdef list items = list(payloads)
     cdef Py_ssize_t i, n = len(items), total = 0, pos = 0
-    cdef Py_ssize_t ln
+    cdef Py_ssize_t ln, ml
+    cdef bytes m
     cdef const unsigned char[:] view
     cdef unsigned char* dst
     cdef const unsigned char* src
@@ -584,6 +608,11 @@ def encode(int64_t first_offset, int64_t timestamp, payloads, uint16_t flags=0,
         if ln > MAX_PAYLOAD:
             raise ValueError("payload too large for one record")
         total += _OVH + ln
+    if metas:
+        for i, m in metas.items():
+            if not 0 <= i < n or len(m) > 0xFFFF:
+                raise ValueError("record meta out of range or longer than 65,535 bytes")
+            total += len(m)
     out = PyBytes_FromStringAndSize(NULL, total)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
     for i in range(n):
@@ -592,15 +621,20 @@ def encode(int64_t first_offset, int64_t timestamp, payloads, uint16_t flags=0,
         src = <const unsigned char*>PyBytes_AS_STRING(p)
         if index is not None:
             index._note(first_offset + i, file_pos + pos)
-        _put_u32(dst + pos, <uint32_t>ln)
+        ml = 0
+        if metas and i in metas:
+            m = metas[i]
+            ml = PyBytes_GET_SIZE(m)
+            memcpy(dst + pos + _HDR, PyBytes_AS_STRING(m), ml)
+        _put_u32(dst + pos, <uint32_t>(ml + ln))
         _put_u16(dst + pos + 4, flags)
-        _put_u16(dst + pos + 6, 0)
+        _put_u16(dst + pos + 6, <uint16_t>ml)
         _put_i64(dst + pos + 8, first_offset + i)
         _put_i64(dst + pos + 16, timestamp)
         if ln:
-            memcpy(dst + pos + _HDR, src, ln)
-        _put_u32(dst + pos + _HDR + ln, _crc(dst + pos, _HDR + ln))
-        pos += _OVH + ln
+            memcpy(dst + pos + _HDR + ml, src, ln)
+        _put_u32(dst + pos + _HDR + ml + ln, _crc(dst + pos, _HDR + ml + ln))
+        pos += _OVH + ml + ln
     return out
 
 
@@ -612,7 +646,7 @@ cdef inline int _check_record(const unsigned char* p, Py_ssize_t avail,
     if avail < _HDR:
         return 1
     ln = _get_u32(p)
-    if ln > max_payload or _get_u16(p + 6) != 0:
+    if ln > max_payload or _get_u16(p + 6) > ln:
         return 3
     if expected >= 0 and _get_i64(p + 8) != expected:
         return 3
@@ -660,7 +694,7 @@ def decode(bytes buffer, Py_ssize_t pos, int64_t from_offset, int64_t upto_offse
     check; every returned record is verified.  At least one record is returned
     when one is complete, even past ``max_bytes``.
     """
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(buffer), size = 0, scan_pos, count = 0, i
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buffer), size = 0, scan_pos, count = 0, i, ml
     cdef Py_ssize_t total = 0
     cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(buffer)
     cdef int status = 0
@@ -701,9 +735,11 @@ def decode(bytes buffer, Py_ssize_t pos, int64_t from_offset, int64_t upto_offse
     b._alloc(count)
     for i in range(count):
         size = _get_u32(base + pos)
+        ml = _get_u16(base + pos + 6)
         b._ts[i] = _get_i64(base + pos + 16)
-        b._start[i] = pos + _HDR
-        b._len[i] = <uint32_t>size
+        b._start[i] = pos + _HDR + ml
+        b._len[i] = <uint32_t>(size - ml)
         b._flags[i] = _get_u16(base + pos + 4)
+        b._mlen[i] = <uint16_t>ml
         pos += _OVH + size
     return b, pos, status

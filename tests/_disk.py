@@ -13,7 +13,7 @@ from pathlib import Path
 
 import broker
 
-HEADER = struct.Struct("<IHHqq")      # length, flags, reserved, offset, timestamp
+HEADER = struct.Struct("<IHHqq")      # length, flags, meta length, offset, timestamp
 
 
 def segment_files(session_dir: Path) -> list[Path]:
@@ -25,11 +25,11 @@ def parse_segment(path: Path) -> list[tuple[int, int, bytes]]:
     data = path.read_bytes()
     out, pos = [], 0
     while pos < len(data):
-        length, _flags, reserved, offset, _ts = HEADER.unpack_from(data, pos)
+        length, _flags, meta_len, offset, _ts = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
         (crc,) = struct.unpack_from("<I", data, end)
-        assert reserved == 0 and crc == zlib.crc32(data[pos:end]), (path, pos)
-        out.append((pos, offset, data[pos + HEADER.size:end]))
+        assert meta_len <= length and crc == zlib.crc32(data[pos:end]), (path, pos)
+        out.append((pos, offset, data[pos + HEADER.size + meta_len:end]))
         pos = end + 4
     assert pos == len(data), path
     return out

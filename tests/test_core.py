@@ -111,3 +111,23 @@ def test_batch_views_share_one_buffer() -> None:
     assert all(v.obj is b.buffer for v in views)
     assert b.slice(1, 3).payloads() == [b"", b"cde"] and b.slice(1, 3).first_offset == 6
     assert not _core.Batch.empty(9) and _core.Batch.empty(9).next_offset == 9
+
+
+def test_record_meta_travels_beside_the_payload() -> None:
+    idx = _core.SparseIndex(0, 1)
+    data = _core.encode(0, 5, [b"aa", b"bbb", b""], 0, idx, 0, {1: b"META", 2: b"M"})
+    assert len(data) == 3 * 28 + 5 + 5
+    assert _core.scan(data, 0, 0) == (len(data), 3, _core.OK)
+    batch, _, status = _core.decode(data, 0, 0)
+    assert status == _core.OK
+    assert batch.payloads() == [b"aa", b"bbb", b""]          # readers see payloads only
+    assert [batch.meta(i) for i in range(3)] == [None, b"META", b"M"]
+    assert batch.metas() == [(1, b"META"), (2, b"M")]
+    with pytest.raises(ValueError):
+        _core.encode(0, 0, [b"x"], metas={1: b"no such record"})
+
+
+def test_meta_length_past_the_record_is_a_bad_header() -> None:
+    data = bytearray(_core.encode(0, 0, [b"abc"], metas={0: b"m"}))
+    data[6] = 200                 # meta length now exceeds the record's length
+    assert _core.scan(bytes(data), 0, 0) == (0, 0, _core.BAD_HEADER)
