@@ -27,6 +27,7 @@ from ._errors import SessionNotFound as SessionNotFound
 from ._errors import StorageError as StorageError
 from ._session import NOW as NOW
 from ._session import START as START
+from ._session import ProduceResult as ProduceResult
 from ._session import SessionInfo as SessionInfo
 
 Batch = _core.Batch

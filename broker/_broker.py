@@ -41,7 +41,7 @@ from ._config import BrokerConfig
 from ._errors import BrokerClosed, BrokerError, EpochChanged, OffsetOutOfRange, SessionDeleted
 from ._files import FileCache, write_atomic
 from ._meta import check_name, dir_name
-from ._session import START, SessionActor, SessionInfo
+from ._session import START, ProduceResult, SessionActor, SessionInfo
 
 __all__ = ["Broker", "Subscription", "open_broker"]
 
@@ -164,6 +164,25 @@ class Broker:
             await self._call(name, "expire")
             actor = await self._actor(name)
         return actor
+
+    async def produce(self, name: str, payloads: Sequence[bytes], *, producer: str,
+                      epoch: int, seq: int, close: bool = False) -> ProduceResult:
+        """An idempotent producer's append (Kafka-style exactly-once retries).
+
+        ``(producer, epoch, seq)`` is checked against the producer's last
+        accepted append: a retry of it is answered ``duplicate`` without
+        appending again; see ProduceResult for the refusals.  ``close`` closes
+        the session after the records (with no records: a close that takes
+        part in the producer's sequence).  The producer table survives
+        restarts: it is rebuilt from stamps in the log.
+        """
+        if not payloads and close:
+            result: ProduceResult = await self._call(name, "close_producer",
+                                                     (producer, epoch, seq))
+        else:
+            result = await self._call(name, "produce",
+                                      (list(payloads), producer, epoch, seq, close))
+        return result
 
     async def info(self, name: str, *, touch: bool = False) -> SessionInfo:
         """Metadata and offsets. ``touch`` counts as a use for the sliding TTL."""

@@ -188,15 +188,18 @@ class SegmentLog:
 
     # -------------------------------------------------------------- appending
 
-    def append(self, payloads: Sequence[bytes], timestamp: int) -> int:
-        """Write records for ``payloads``; return the first offset. Not yet durable."""
+    def append(self, payloads: Sequence[bytes], timestamp: int,
+               metas: dict[int, bytes] | None = None) -> int:
+        """Write records for ``payloads`` (``metas``: record meta by position);
+        return the first offset. Not yet durable."""
         active = self._segments[-1]
-        total = sum(map(len, payloads)) + _core.RECORD_OVERHEAD * len(payloads)
+        total = (sum(map(len, payloads)) + _core.RECORD_OVERHEAD * len(payloads)
+                 + (sum(map(len, metas.values())) if metas else 0))
         if active.size and active.size + total > self._cfg.segment_bytes:
             active = self._roll()
         first = self.next_offset
         assert active.index is not None
-        data = _core.encode(first, timestamp, payloads, 0, active.index, active.size)
+        data = _core.encode(first, timestamp, payloads, 0, active.index, active.size, metas)
         fd = self._files.fd(active.path)
         try:
             view, pos = memoryview(data), active.size

@@ -33,6 +33,7 @@ files and exits; the next use of the session starts a new one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import trio
 
 from . import _core
@@ -81,6 +83,28 @@ class SessionInfo:
     start_offset: int        # oldest retained offset
     next_offset: int         # offset the next record will get (everything below is durable)
     extra: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceResult:
+    """The answer to an idempotent producer's append.
+
+    ``status`` is ``accepted``, ``duplicate`` (already appended: nothing new),
+    ``stale_epoch`` (a newer epoch of this producer exists: ``epoch``),
+    ``invalid_epoch_seq`` (a new epoch must start at seq 0), ``sequence_gap``
+    (``expected_seq`` / ``received_seq``) or ``closed``.
+    """
+
+    status: str
+    epoch: int | None = None
+    last_seq: int | None = None
+    expected_seq: int | None = None
+    received_seq: int | None = None
+    closed: bool = False
+    offsets: range | None = None
+
+    def with_offsets(self, offsets: range) -> ProduceResult:
+        return dataclasses.replace(self, offsets=offsets)
 
 
 def _media_type(content_type: str) -> str:
@@ -138,11 +162,17 @@ class SessionActor:
         self.last_access = time.time()
         self.exited = False
         # Private to the actor task:
-        self._pending: list[tuple[_Reply, int, int]] = []  # appends written, not yet acked
+        # Appends written, not yet acked: (reply, first offset, count, producer
+        # result to answer with, or None to answer with the range of offsets).
+        self._pending: list[tuple[_Reply, int, int, ProduceResult | None]] = []
+        self._metas: dict[int, bytes] = {}    # record meta for the batch being built
         self._pending_records = 0
         self._group_deadline = math.inf
         self._durable = config.fsync.mode != "never"   # metadata fsyncs follow the policy
         self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
+        self._producers: dict[str, tuple[int, int]] = {}  # producer id -> (epoch, last seq)
+        self._producers_changed = False       # the table moved since the last snapshot
+        self._snapshot_at = 0                 # offset the last producer snapshot covers
 
     # ------------------------------------------------------------------ api
 
@@ -220,6 +250,8 @@ class SessionActor:
         if meta is not None:
             log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
                                                 self._cfg)
+            # Reading stamps uses the FileCache, so it runs on the Trio thread.
+            self._load_producers(meta, log)
             self._attach(meta, log)
         self.ready.set()
 
@@ -247,7 +279,7 @@ class SessionActor:
                     self.log.sync_blocking()
             finally:
                 self.log.close()
-        for reply, _, _ in self._pending:
+        for reply, _, _, _ in self._pending:
             reply.fail(StorageError("the session actor stopped before the append was synced"))
         self._pending.clear()
         self._wake()
@@ -305,8 +337,30 @@ class SessionActor:
                 self._write(batch)
                 if await self._commit():
                     await self._do_delete()
-            if kind in ("append", "append_seq", "close", "set_extra"):
+            if kind in ("append", "append_seq", "produce", "close", "close_producer",
+                        "set_extra"):
                 self.touch()
+            if kind == "produce":
+                if not arg[4]:
+                    self._produce(reply, batch, *arg)
+                    return
+                # Append-and-close: answered once the close, which follows the
+                # data, is durable too.
+                inner = _Reply()
+                self._produce(inner, batch, *arg)
+                self._write(batch)
+                if await self._commit() and inner.error is None:
+                    result: ProduceResult = inner.value
+                    assert self.meta is not None
+                    if result.status == "accepted" and not self.meta.closed:
+                        await self._store_meta(self.meta.with_(
+                            closed=True, extra={**self.meta.extra,
+                                                **self._producer_snapshot(self.committed)}))
+                await inner.event.wait()
+                if inner.error is not None:
+                    raise inner.error
+                reply.set(inner.value)
+                return
             if kind == "append_seq":
                 # Writer coordination: the sequence must rise (as a string).
                 # It is made durable in the same commit that acknowledges the data.
@@ -321,7 +375,7 @@ class SessionActor:
             if kind == "append":
                 self._check_append(arg)
                 assert self.log is not None
-                self._pending.append((reply, self.log.next_offset + len(batch), len(arg)))
+                self._pending.append((reply, self.log.next_offset + len(batch), len(arg), None))
                 self._pending_records += len(arg)
                 batch.extend(arg)
                 return
@@ -333,6 +387,8 @@ class SessionActor:
                 reply.set(await self._do_create(**arg))
             elif kind == "close":
                 reply.set(await self._do_close())
+            elif kind == "close_producer":
+                reply.set(await self._do_close_producer(*arg))
             elif kind == "delete":
                 await self._do_delete()
                 reply.set(None)
@@ -354,10 +410,95 @@ class SessionActor:
                 logger.exception("session %r: %s failed", self.name, kind)
             reply.fail(exc)
 
-    def _check_append(self, payloads: Sequence[bytes]) -> None:
+    # ---------------------------------------------------- idempotent producers
+
+    def _produce(self, reply: _Reply, batch: list[bytes], payloads: list[bytes],
+                 producer: str, epoch: int, seq: int, close: bool) -> None:
+        """Validate (producer, epoch, seq) and queue the append if it is new.
+
+        The answer is a ProduceResult.  An accepted append's last record carries
+        the stamp (producer, epoch, seq) as record meta, so the producer table
+        is rebuilt from the log after a crash; a snapshot in meta.json bounds
+        how much of the log that reads.  A duplicate is answered only once what
+        it duplicates is durable.
+        """
+        if self.meta is None or self.log is None:
+            raise SessionNotFound(self.name)
+        self._check_append(payloads, closed_ok=True)
+        state = self._producers.get(producer)
+        if state is None:
+            if seq != 0:
+                reply.set(ProduceResult("sequence_gap", expected_seq=0, received_seq=seq))
+                return
+        elif epoch < state[0]:
+            reply.set(ProduceResult("stale_epoch", epoch=state[0]))
+            return
+        elif epoch > state[0]:
+            if seq != 0:
+                reply.set(ProduceResult("invalid_epoch_seq"))
+                return
+        elif seq <= state[1]:
+            result = ProduceResult("duplicate", epoch=epoch, last_seq=state[1],
+                                   closed=self.meta.closed)
+            self._pending.append((reply, self.log.next_offset + len(batch), 0, result))
+            return
+        elif seq != state[1] + 1:
+            reply.set(ProduceResult("sequence_gap", expected_seq=state[1] + 1,
+                                    received_seq=seq))
+            return
+        if self.meta.closed:
+            reply.set(ProduceResult("closed"))
+            return
+        self._producers[producer] = (epoch, seq)
+        self._producers_changed = True
+        if payloads:
+            stamp = b"\x01" + msgpack.packb([producer, epoch, seq])
+            self._metas[len(batch) + len(payloads) - 1] = stamp
+        result = ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close)
+        self._pending.append((reply, self.log.next_offset + len(batch), len(payloads), result))
+        self._pending_records += len(payloads)
+        batch.extend(payloads)
+
+    def _producer_snapshot(self, at: int) -> dict[str, Any]:
+        self._producers_changed = False
+        self._snapshot_at = at
+        return {"producers": {"at": at, "state": {k: list(v) for k, v in self._producers.items()}}}
+
+    def _meta_updates(self, next_offset: int) -> dict[str, Any]:
+        """What meta.json must learn before this commit's acks go out."""
+        assert self.meta is not None or not (self._seq or self._producers_changed)
+        updates: dict[str, Any] = {}
+        if self.meta is None:
+            return updates
+        if self._seq is not None and self.meta.extra.get("stream_seq") != self._seq:
+            updates["stream_seq"] = self._seq
+        # The first producer on a session needs a snapshot before its ack, so
+        # recovery knows to look for stamps; after that, the stamps in the log
+        # carry the state and a snapshot is only a shortcut, refreshed now and then.
+        if self._producers_changed and ("producers" not in self.meta.extra
+                                        or next_offset - self._snapshot_at > 100_000):
+            updates.update(self._producer_snapshot(next_offset))
+        return updates
+
+    def _load_producers(self, meta: SessionMeta, log: SegmentLog) -> None:
+        snap = meta.extra.get("producers")
+        self._producers = {}
+        if not isinstance(snap, dict):
+            return
+        self._producers = {k: (int(v[0]), int(v[1])) for k, v in snap["state"].items()}
+        self._snapshot_at = offset = max(int(snap["at"]), log.start_offset)
+        while offset < log.next_offset:
+            batch = log.read(offset, log.next_offset, 1 << 16, 1 << 24)
+            for _, stamp in batch.metas():
+                if stamp[:1] == b"\x01":
+                    producer, epoch, seq = msgpack.unpackb(stamp[1:])
+                    self._producers[producer] = (epoch, seq)
+            offset = batch.next_offset
+
+    def _check_append(self, payloads: Sequence[bytes], closed_ok: bool = False) -> None:
         if self.meta is None:
             raise SessionNotFound(self.name)
-        if self.meta.closed:
+        if self.meta.closed and not closed_ok:
             raise SessionClosed(self.name)
         limit = self._cfg.max_record_bytes
         for p in payloads:
@@ -370,13 +511,14 @@ class SessionActor:
         assert self.log is not None
         ts = time.time_ns() // 1000
         try:
-            first = self.log.append(batch, ts)
+            first = self.log.append(batch, ts, self._metas or None)
         except OSError as exc:
+            self._metas = {}
             # Nothing of this batch is acknowledged; fail exactly its appends.
             err = StorageError(f"write failed: {exc}")
             n = len(batch)
             while n > 0 and self._pending:
-                reply, _, count = self._pending.pop()
+                reply, _, count, _ = self._pending.pop()
                 reply.fail(err)
                 n -= count
                 self._pending_records -= count
@@ -384,6 +526,7 @@ class SessionActor:
             return
         self.ring.extend(first, ts, batch)
         batch.clear()
+        self._metas = {}
 
     async def _commit(self) -> bool:
         """Make everything written durable (per policy), then ack and publish it.
@@ -405,31 +548,31 @@ class SessionActor:
             except OSError as exc:
                 logger.error("session %r: fsync failed: %s", self.name, exc)
                 err = StorageError(f"fsync failed: {exc}")
-                for reply, _, _ in self._pending:
+                for reply, _, _, _ in self._pending:
                     reply.fail(err)
                 self._pending.clear()
                 self._pending_records = 0
                 return False
             finally:
                 log.end_sync(paths, ok, directory)
-        if self._seq is not None and self.meta is not None \
-                and self.meta.extra.get("stream_seq") != self._seq:
+        updates = self._meta_updates(log.next_offset)
+        if updates and self.meta is not None:
             try:
-                await self._store_meta(self.meta.with_(
-                    extra={**self.meta.extra, "stream_seq": self._seq}))
+                await self._store_meta(self.meta.with_(extra={**self.meta.extra, **updates}))
             except OSError as exc:
-                logger.error("session %r: storing the writer sequence failed: %s",
+                logger.error("session %r: storing session metadata failed: %s",
                              self.name, exc)
-                for reply, _, _ in self._pending:
-                    reply.fail(StorageError(f"storing the writer sequence failed: {exc}"))
+                for reply, _, _, _ in self._pending:
+                    reply.fail(StorageError(f"storing session metadata failed: {exc}"))
                 self._pending.clear()
                 self._pending_records = 0
                 return False
         if log.next_offset != self.committed:
             self.committed = log.next_offset
             self._wake()
-        for reply, first, count in self._pending:
-            reply.set(range(first, first + count))
+        for reply, first, count, result in self._pending:
+            offsets = range(first, first + count)
+            reply.set(offsets if result is None else result.with_offsets(offsets))
         self._pending.clear()
         self._pending_records = 0
         return True
@@ -465,7 +608,7 @@ class SessionActor:
         self.touch()
         if initial:
             self._check_append(initial)
-            self._pending.append((_Reply(), self.committed, len(initial)))
+            self._pending.append((_Reply(), self.committed, len(initial), None))
             self._pending_records += len(initial)
             self._write(list(initial))
             if not await self._commit():
@@ -489,6 +632,22 @@ class SessionActor:
             await self._store_meta(self.meta.with_(closed=True))
         return self.info()
 
+    async def _do_close_producer(self, producer: str, epoch: int, seq: int) -> ProduceResult:
+        """A close that takes part in a producer's sequence (no data)."""
+        reply = _Reply()
+        self._produce(reply, [], [], producer, epoch, seq, True)
+        if reply.event.is_set():
+            result: ProduceResult = reply.value
+            return result
+        (_, _, _, result_), = [p for p in self._pending if p[0] is reply]
+        self._pending = [p for p in self._pending if p[0] is not reply]
+        assert result_ is not None and self.meta is not None
+        if result_.status == "accepted":
+            await self._store_meta(self.meta.with_(
+                closed=True, extra={**self.meta.extra,
+                                    **self._producer_snapshot(self.committed)}))
+        return result_.with_offsets(range(self.committed, self.committed))
+
     async def _do_set_extra(self, changes: dict[str, Any]) -> SessionInfo:
         if self.meta is None:
             raise SessionNotFound(self.name)
@@ -502,6 +661,8 @@ class SessionActor:
         self.meta = None
         self.log = None
         self._seq = None
+        self._producers = {}
+        self._producers_changed = False
         self.ring.reset(0)
         self.committed = 0
         self._wake()

@@ -52,7 +52,7 @@ from ._errors import (
     SessionNotFound,
 )
 from ._http import Headers, Request, Responder, error, response
-from ._session import NOW, START, SessionInfo
+from ._session import NOW, START, ProduceResult, SessionInfo
 
 STREAM_PREFIX = "/v1/stream/"
 
@@ -254,12 +254,15 @@ class StreamsApi:
     # ----------------------------------------------------------- POST
 
     async def _post(self, name: str, req: Request, out: Responder) -> None:
-        if any(req.header(h) is not None
-               for h in (b"producer-id", b"producer-epoch", b"producer-seq")):
-            raise _Fail(501, "not_implemented", "idempotent producers are not supported yet")
+        producer = _producer_headers(req)
         seq = req.header(b"stream-seq")
         close = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
+        if not body and close and producer is not None:
+            result = await self.broker.produce(name, [], producer=producer[0],
+                                               epoch=producer[1], seq=producer[2], close=True)
+            await self._produced(name, result, producer, out)
+            return
         if not body:
             if not close:
                 raise _Fail(400, "empty_body", "an append needs a body")
@@ -276,6 +279,11 @@ class StreamsApi:
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
         records = _json_records(body, allow_empty=False) if _is_json(ct) else [body]
+        if producer is not None:
+            result = await self.broker.produce(name, records, producer=producer[0],
+                                               epoch=producer[1], seq=producer[2], close=close)
+            await self._produced(name, result, producer, out)
+            return
         try:
             offsets = await self.broker.append_many(name, records, seq=seq)
         except SessionClosed:
@@ -288,6 +296,41 @@ class StreamsApi:
             await self.broker.close_session(name)
             headers.append(("Stream-Closed", "true"))
         await out.send(response(204, b"", headers=headers))
+
+    async def _produced(self, name: str, r: ProduceResult, producer: tuple[str, int, int],
+                        out: Responder) -> None:
+        """The HTTP answer to an idempotent producer's append."""
+        _, epoch, seq = producer
+        if r.status == "accepted":
+            assert r.offsets is not None
+            headers: Headers = [("Stream-Next-Offset", format_offset(r.offsets.stop)),
+                                ("Producer-Epoch", str(epoch)), ("Producer-Seq", str(seq))]
+            if r.closed:
+                headers.append(("Stream-Closed", "true"))
+            # A close with no data is a 204, like a plain close.
+            status = 204 if not r.offsets and r.closed else 200
+            await out.send(response(status, b"", headers=headers))
+        elif r.status == "duplicate":
+            headers = [("Producer-Epoch", str(epoch)), ("Producer-Seq", str(r.last_seq))]
+            if r.closed:
+                info = await self.broker.info(name)
+                headers += [("Stream-Closed", "true"),
+                            ("Stream-Next-Offset", format_offset(info.next_offset))]
+            await out.send(response(204, b"", headers=headers))
+        elif r.status == "stale_epoch":
+            raise _Fail(403, "stale_producer_epoch", "a newer epoch of this producer exists",
+                        [("Producer-Epoch", str(r.epoch))])
+        elif r.status == "invalid_epoch_seq":
+            raise _Fail(400, "invalid_epoch_seq", "a new producer epoch must start at seq 0")
+        elif r.status == "sequence_gap":
+            raise _Fail(409, "producer_sequence_gap", "producer sequence gap", [
+                ("Producer-Expected-Seq", str(r.expected_seq)),
+                ("Producer-Received-Seq", str(r.received_seq))])
+        else:
+            info = await self.broker.info(name)
+            raise _Fail(409, "session_closed", "the stream is closed", [
+                ("Stream-Closed", "true"),
+                ("Stream-Next-Offset", format_offset(info.next_offset))])
 
     # ------------------------------------------------------------ GET
 
@@ -385,6 +428,26 @@ class StreamsApi:
                         with trio.move_on_after(self.long_poll_timeout_s):
                             await sub.wait()
             await out.end()
+
+
+_UINT_RE = re.compile(r"\d{1,16}")
+
+
+def _producer_headers(req: Request) -> tuple[str, int, int] | None:
+    """(Producer-Id, Producer-Epoch, Producer-Seq): all three or none."""
+    pid, epoch, seq = (req.header(b"producer-id"), req.header(b"producer-epoch"),
+                       req.header(b"producer-seq"))
+    if pid is None and epoch is None and seq is None:
+        return None
+    if pid is None or epoch is None or seq is None:
+        raise _Fail(400, "bad_producer", "Producer-Id, Producer-Epoch and Producer-Seq "
+                    "go together")
+    if not pid:
+        raise _Fail(400, "bad_producer", "Producer-Id must not be empty")
+    for label, value in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
+        if not _UINT_RE.fullmatch(value) or int(value) > 2**53 - 1:
+            raise _Fail(400, "bad_producer", f"{label} must be a non-negative integer")
+    return pid, int(epoch), int(seq)
 
 
 def _sse_event(kind: str, data: str) -> bytes:

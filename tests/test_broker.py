@@ -286,3 +286,34 @@ async def test_writer_sequence_must_rise_and_survives_restart(tmp_path: Path) ->
             await b.append_many("s", [b"x"], seq="10")
         assert await b.append_many("s", [b"c"], seq="11") == range(2, 3)
         assert (await b.read("s")).payloads() == [b"a", b"b", b"c"]
+
+
+async def test_idempotent_producer_dedupes_and_survives_restart(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s")
+        r = await b.produce("s", [b"a", b"b"], producer="p", epoch=0, seq=0)
+        assert (r.status, r.offsets) == ("accepted", range(0, 2))
+        dup = await b.produce("s", [b"a", b"b"], producer="p", epoch=0, seq=0)
+        assert (dup.status, dup.last_seq) == ("duplicate", 0)
+        gap = await b.produce("s", [b"x"], producer="p", epoch=0, seq=5)
+        assert (gap.status, gap.expected_seq, gap.received_seq) == ("sequence_gap", 1, 5)
+        assert (await b.produce("s", [b"c"], producer="p", epoch=0, seq=1)).status == "accepted"
+        assert (await b.produce("s", [b"n"], producer="new", epoch=3, seq=1)).status \
+            == "sequence_gap"
+    # Restarted: the table comes back from the snapshot plus the stamps after it.
+    async with broker.open_broker(tmp_path) as b:
+        again = await b.produce("s", [b"c"], producer="p", epoch=0, seq=1)
+        assert (again.status, again.last_seq) == ("duplicate", 1)
+        bumped = await b.produce("s", [b"d"], producer="p", epoch=1, seq=0)
+        assert bumped.status == "accepted"
+        stale = await b.produce("s", [b"z"], producer="p", epoch=0, seq=2)
+        assert (stale.status, stale.epoch) == ("stale_epoch", 1)
+        assert (await b.produce("s", [b"z"], producer="p", epoch=2, seq=3)).status \
+            == "invalid_epoch_seq"
+        closing = await b.produce("s", [b"e"], producer="p", epoch=1, seq=1, close=True)
+        assert closing.status == "accepted" and closing.closed
+        assert (await b.info("s")).closed
+        retry = await b.produce("s", [b"e"], producer="p", epoch=1, seq=1, close=True)
+        assert (retry.status, retry.closed) == ("duplicate", True)
+        assert (await b.produce("s", [b"f"], producer="p", epoch=1, seq=2)).status == "closed"
+        assert (await b.read("s")).payloads() == [b"a", b"b", b"c", b"d", b"e"]
