@@ -39,15 +39,17 @@ from typing import Any
 import trio
 
 from . import _core
-from ._broker import Broker
+from ._broker import Broker, Subscription
 from ._errors import (
     BrokerError,
+    EpochChanged,
     InvalidSessionName,
     OffsetOutOfRange,
     OffsetTooOld,
     RecordTooLarge,
     SequenceConflict,
     SessionClosed,
+    SessionDeleted,
     SessionExists,
     SessionNotFound,
 )
@@ -177,8 +179,10 @@ class StreamsApi:
                 raise _Fail(405, "method_not_allowed", f"{req.method} is not supported")
         except _Fail as f:
             await out.send(error(f.status, f.code, str(f), f.headers))
-        except SessionNotFound:
+        except (SessionNotFound, SessionDeleted):
             await out.send(error(404, "session_not_found", f"stream {name!r} not found"))
+        except EpochChanged as exc:
+            await out.send(error(409, exc.code, str(exc)))
         except InvalidSessionName as exc:
             await out.send(error(400, exc.code, str(exc)))
         except (SessionExists, SequenceConflict) as exc:
@@ -402,32 +406,39 @@ class StreamsApi:
             headers.append(("stream-sse-data-encoding", "base64"))
         async with self.broker.subscribe(name, offset) as sub:
             await out.start(200, headers)
-            with trio.move_on_after(self.sse_max_s):
-                while True:
-                    batch = await sub.next(wait=False)
-                    if batch:
-                        if _is_json(ct):
-                            data = _json_body(batch).decode()
-                        elif binary:
-                            data = base64.b64encode(batch.join()).decode()
-                        else:
-                            data = batch.join().decode("utf-8", "replace")
-                        await out.chunk(_sse_event("data", data))
-                    info = await self.broker.info(name)
-                    at_tail = sub.offset >= info.next_offset
-                    control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
-                    if info.closed and at_tail:
-                        control["streamClosed"] = True
-                        await out.chunk(_sse_event("control", json.dumps(control)))
-                        break
-                    control["streamCursor"] = _cursor(cursor)
-                    if at_tail:
-                        control["upToDate"] = True
-                    await out.chunk(_sse_event("control", json.dumps(control)))
-                    if at_tail:
-                        with trio.move_on_after(self.long_poll_timeout_s):
-                            await sub.wait()
+            try:
+                await self._sse_events(name, sub, ct, binary, cursor, out)
+            except (SessionDeleted, EpochChanged, SessionNotFound):
+                pass                 # the stream went away: end the response
             await out.end()
+
+    async def _sse_events(self, name: str, sub: Subscription, ct: str, binary: bool,
+                          cursor: str | None, out: Responder) -> None:
+        with trio.move_on_after(self.sse_max_s):
+            while True:
+                batch = await sub.next(wait=False)
+                if batch:
+                    if _is_json(ct):
+                        data = _json_body(batch).decode()
+                    elif binary:
+                        data = base64.b64encode(batch.join()).decode()
+                    else:
+                        data = batch.join().decode("utf-8", "replace")
+                    await out.chunk(_sse_event("data", data))
+                info = await self.broker.info(name)
+                at_tail = sub.offset >= info.next_offset
+                control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
+                if info.closed and at_tail:
+                    control["streamClosed"] = True
+                    await out.chunk(_sse_event("control", json.dumps(control)))
+                    break
+                control["streamCursor"] = _cursor(cursor)
+                if at_tail:
+                    control["upToDate"] = True
+                await out.chunk(_sse_event("control", json.dumps(control)))
+                if at_tail:
+                    with trio.move_on_after(self.long_poll_timeout_s):
+                        await sub.wait()
 
 
 _UINT_RE = re.compile(r"\d{1,16}")
