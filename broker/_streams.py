@@ -154,6 +154,17 @@ class StreamsApi:
         self.broker = broker
         self.long_poll_timeout_s = long_poll_timeout_s
         self.sse_max_s = sse_max_s
+        self._waits: set[trio.CancelScope] = set()   # live waits, ended on shutdown
+        self._closing = False
+
+    def shut_down(self) -> None:
+        """End every long-poll and SSE wait now (they answer as on a timeout)."""
+        self._closing = True
+        for scope in self._waits:
+            scope.cancel()
+
+    def _wait_scope(self, seconds: float) -> trio.CancelScope:
+        return trio.move_on_after(0 if self._closing else seconds)
 
     async def handle(self, req: Request, out: Responder) -> None:
         path, _, query = req.target.partition("?")
@@ -370,8 +381,12 @@ class StreamsApi:
         async with self.broker.subscribe(name, offset) as sub:
             batch = await sub.next(wait=False)
             if not batch and live == "long-poll" and not sub.finished:
-                with trio.move_on_after(self.long_poll_timeout_s):
-                    batch = await sub.next()
+                with self._wait_scope(self.long_poll_timeout_s) as scope:
+                    self._waits.add(scope)
+                    try:
+                        batch = await sub.next()
+                    finally:
+                        self._waits.discard(scope)
             info = await self.broker.info(name)
             nxt = format_offset(sub.offset)
             at_tail = sub.offset >= info.next_offset
@@ -414,31 +429,40 @@ class StreamsApi:
 
     async def _sse_events(self, name: str, sub: Subscription, ct: str, binary: bool,
                           cursor: str | None, out: Responder) -> None:
-        with trio.move_on_after(self.sse_max_s):
-            while True:
-                batch = await sub.next(wait=False)
-                if batch:
-                    if _is_json(ct):
-                        data = _json_body(batch).decode()
-                    elif binary:
-                        data = base64.b64encode(batch.join()).decode()
-                    else:
-                        data = batch.join().decode("utf-8", "replace")
-                    await out.chunk(_sse_event("data", data))
-                info = await self.broker.info(name)
-                at_tail = sub.offset >= info.next_offset
-                control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
-                if info.closed and at_tail:
-                    control["streamClosed"] = True
-                    await out.chunk(_sse_event("control", json.dumps(control)))
-                    break
-                control["streamCursor"] = _cursor(cursor)
-                if at_tail:
-                    control["upToDate"] = True
+        # Only the waits are cancelled (by the deadline or by shutdown), never a
+        # write, so the chunked response always ends cleanly.
+        deadline = trio.current_time() + self.sse_max_s
+        while not self._closing:
+            batch = await sub.next(wait=False)
+            if batch:
+                if _is_json(ct):
+                    data = _json_body(batch).decode()
+                elif binary:
+                    data = base64.b64encode(batch.join()).decode()
+                else:
+                    data = batch.join().decode("utf-8", "replace")
+                await out.chunk(_sse_event("data", data))
+            info = await self.broker.info(name)
+            at_tail = sub.offset >= info.next_offset
+            control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
+            if info.closed and at_tail:
+                control["streamClosed"] = True
                 await out.chunk(_sse_event("control", json.dumps(control)))
-                if at_tail:
-                    with trio.move_on_after(self.long_poll_timeout_s):
+                return
+            control["streamCursor"] = _cursor(cursor)
+            if at_tail:
+                control["upToDate"] = True
+            await out.chunk(_sse_event("control", json.dumps(control)))
+            now = trio.current_time()
+            if now >= deadline:
+                return
+            if at_tail:
+                with trio.move_on_at(min(deadline, now + self.long_poll_timeout_s)) as scope:
+                    self._waits.add(scope)
+                    try:
                         await sub.wait()
+                    finally:
+                        self._waits.discard(scope)
 
 
 _UINT_RE = re.compile(r"\d{1,16}")

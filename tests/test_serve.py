@@ -76,3 +76,31 @@ def test_oversized_headers_are_refused() -> None:
     reader = RequestReader()
     with pytest.raises(BadRequest):
         reader.feed(b"GET / HTTP/1.1\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n")
+
+
+def test_option_precedence_file_env_flags(tmp_path: Path) -> None:
+    from broker._cli import resolve_options
+
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text('port = 1111\nhost = "0.0.0.0"\nfsync = "always"\nsse-max-s = 5\n')
+    opts = resolve_options({"config": str(cfg), "port": None, "host": "127.0.0.2"},
+                           {"BROKER_PORT": "2222", "BROKER_FSYNC": "never"})
+    assert (opts.port, opts.host, opts.fsync, opts.sse_max_s) == (2222, "127.0.0.2", "never", 5.0)
+    assert resolve_options({}, {}).port == 4437
+    with pytest.raises(ValueError):
+        resolve_options({"fsync": "sometimes"}, {})
+
+
+def test_shutdown_ends_a_waiting_long_poll(server: tuple[subprocess.Popen[str], int]) -> None:
+    proc, port = server
+    assert exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n"
+                          b"connection: close\r\n\r\n").startswith(b"HTTP/1.1 201 ")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        # A first exchange makes sure the server has accepted this connection.
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"GET /v1/stream/s?offset=now&live=long-poll HTTP/1.1\r\nhost: x\r\n\r\n")
+        proc.send_signal(signal.SIGTERM)        # the long-poll would wait 30 s
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 204 ")
+    assert proc.wait(timeout=30) == 0
