@@ -74,6 +74,8 @@ class HttpServer:
                         out = Responder(stream, req.method)
                         try:
                             await self.handle(req, out)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return          # the client went away mid-response
                         except Exception:
                             log.exception("%s %s failed", req.method, req.target)
                             if not out.sent:

@@ -141,6 +141,14 @@ def _etag(name: str, start: str, end: str, closed: bool) -> str:
     return f'"{tag}:{start}:{end}{":c" if closed else ""}"'
 
 
+def _stream_name(header: str) -> str:
+    """Stream-Forked-From names a stream by path (``/v1/stream/x``) or by name."""
+    path = urllib.parse.urlsplit(header).path if "://" in header else header
+    if path.startswith(STREAM_PREFIX):
+        path = path[len(STREAM_PREFIX):]
+    return urllib.parse.unquote(path)
+
+
 def _expires_header(info: SessionInfo) -> str | None:
     raw = info.extra.get("expires_at_raw")
     return raw if isinstance(raw, str) else None
@@ -155,6 +163,7 @@ class StreamsApi:
         self.long_poll_timeout_s = long_poll_timeout_s
         self.sse_max_s = sse_max_s
         self._waits: set[trio.CancelScope] = set()   # live waits, ended on shutdown
+        self._fork_lock = trio.Lock()                # fork links change one at a time
         self._closing = False
 
     def shut_down(self) -> None:
@@ -182,7 +191,7 @@ class StreamsApi:
             elif req.method == "GET":
                 await self._get(name, req, params, out)
             elif req.method == "DELETE":
-                await self.broker.delete(name)
+                await self._delete(name)
                 await out.send(response(204, b""))
             elif req.method == "OPTIONS":
                 await out.send(response(204, b""))
@@ -212,11 +221,25 @@ class StreamsApi:
     # ------------------------------------------------------------ PUT
 
     async def _put(self, name: str, req: Request, out: Responder) -> None:
-        if req.header(b"stream-forked-from") is not None:
-            raise _Fail(501, "not_implemented", "forks are not supported yet")
-        ct = req.header(b"content-type") or ""
-        if not _CT_RE.match(ct.strip()):
-            ct = _DEFAULT_CT
+        source = req.header(b"stream-forked-from")
+        fork_offset_h = req.header(b"stream-fork-offset")
+        sub_h = req.header(b"stream-fork-sub-offset")
+        if sub_h is not None and source is None:
+            raise _Fail(400, "bad_fork", "Stream-Fork-Sub-Offset needs Stream-Forked-From")
+        fork_offset: int | None = None
+        if fork_offset_h is not None:
+            if not _OFFSET_RE.fullmatch(fork_offset_h):
+                raise _Fail(400, "bad_fork", f"malformed Stream-Fork-Offset {fork_offset_h!r}")
+            fork_offset = parse_offset(fork_offset_h)
+        sub = 0
+        if sub_h is not None:
+            if not _TTL_RE.fullmatch(sub_h.strip()):
+                raise _Fail(400, "bad_fork", f"malformed Stream-Fork-Sub-Offset {sub_h!r}")
+            sub = int(sub_h)
+            if sub and fork_offset is None:
+                raise _Fail(400, "bad_fork", "a sub-offset needs Stream-Fork-Offset")
+        raw_ct = req.header(b"content-type") or ""
+        ct = raw_ct if _CT_RE.match(raw_ct.strip()) else _DEFAULT_CT
         ttl_h, exp_h = req.header(b"stream-ttl"), req.header(b"stream-expires-at")
         if ttl_h is not None and exp_h is not None:
             raise _Fail(400, "bad_ttl", "Stream-TTL and Stream-Expires-At are exclusive")
@@ -235,11 +258,22 @@ class StreamsApi:
             extra["expires_at_raw"] = exp_h
         closed = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
-        initial = (_json_records(body, allow_empty=True) if body and _is_json(ct)
-                   else [body] if body else [])
-        info, created = await self.broker.create(name, content_type=ct, ttl_s=ttl,
-                                                 expires_at=expires, extra=extra,
-                                                 closed=closed, initial=initial)
+        try:
+            existing: SessionInfo | None = await self.broker.info(name)
+        except SessionNotFound:
+            existing = None
+        if existing is not None and existing.extra.get("soft_deleted"):
+            raise _Fail(409, "session_conflict", "the stream was deleted but still has forks")
+        if source is not None:
+            info, created = await self._fork(
+                name, _stream_name(source), raw_ct if _CT_RE.match(raw_ct.strip()) else None,
+                ttl, expires, extra, closed, body, fork_offset, sub, existing)
+        else:
+            initial = (_json_records(body, allow_empty=True) if body and _is_json(ct)
+                       else [body] if body else [])
+            info, created = await self.broker.create(name, content_type=ct, ttl_s=ttl,
+                                                     expires_at=expires, extra=extra,
+                                                     closed=closed, initial=initial)
         headers: Headers = [("content-type", info.content_type),
                             ("Stream-Next-Offset", format_offset(info.next_offset))]
         if created:
@@ -249,10 +283,135 @@ class StreamsApi:
             headers.append(("Stream-Closed", "true"))
         await out.send(response(201 if created else 200, b"", headers=headers))
 
+    # ---------------------------------------------------------- forks
+    #
+    # A fork is created as a copy: the source's records below the fork offset
+    # (plus a sub-offset prefix) become the fork's first records, at the same
+    # offsets, in one atomic create.  Reads, appends, live modes and closing
+    # then need nothing special.  The links are kept in ``extra``: the fork
+    # names its source, the source lists its forks.  Deleting a source that
+    # still has live forks only marks it soft-deleted (410 to readers, 409 to
+    # a re-create); it is removed once its last fork is gone, and that
+    # cascades up a chain of soft-deleted sources.  Forks that expire drop
+    # out of the list when it is next checked.
+
+    async def _fork(self, name: str, source: str, ct: str | None, ttl: float | None,
+                    expires: float | None, extra: dict[str, Any], closed: bool, body: bytes,
+                    fork_offset: int | None, sub: int,
+                    existing: SessionInfo | None) -> tuple[SessionInfo, bool]:
+        async with self._fork_lock:
+            if existing is not None:
+                e = existing.extra
+                same = (e.get("forked_from") == source
+                        and (fork_offset is None or e.get("fork_offset") == fork_offset)
+                        and e.get("fork_sub_offset", 0) == sub
+                        and (ct is None or _media(ct) == _media(existing.content_type))
+                        and existing.closed == closed)
+                if not same:
+                    raise _Fail(409, "session_conflict",
+                                "the stream exists with a different configuration")
+                return existing, False
+            try:
+                src = await self.broker.info(source)
+            except SessionNotFound:
+                raise _Fail(404, "session_not_found", f"source stream {source!r} not found") \
+                    from None
+            if src.extra.get("soft_deleted"):
+                raise _Fail(409, "session_conflict", "the source stream was deleted")
+            if ct is not None and _media(ct) != _media(src.content_type):
+                raise _Fail(409, "content_type_mismatch", "a fork keeps its source's type")
+            at = src.next_offset if fork_offset is None else fork_offset
+            if not src.start_offset <= at <= src.next_offset:
+                raise _Fail(400, "bad_fork", "the fork offset is outside the source stream")
+            records = await self._read_range(source, src.start_offset, at)
+            if sub:
+                if at >= src.next_offset:
+                    raise _Fail(400, "bad_fork", "no data past the fork offset for a sub-offset")
+                if _is_json(src.content_type):
+                    if at + sub > src.next_offset:
+                        raise _Fail(400, "bad_fork", "the sub-offset overshoots the message")
+                    records += await self._read_range(source, at, at + sub)
+                else:
+                    (first,) = await self._read_range(source, at, at + 1)
+                    if sub > len(first):
+                        raise _Fail(400, "bad_fork", "the sub-offset overshoots the message")
+                    records.append(first[:sub])
+            if body:
+                records += (_json_records(body, allow_empty=True)
+                            if _is_json(src.content_type) else [body])
+            if ttl is None and expires is None:
+                ttl, expires = src.ttl_s, src.expires_at
+                if _expires_header(src) is not None:
+                    extra["expires_at_raw"] = _expires_header(src)
+            extra.update(forked_from=source, fork_offset=at, fork_sub_offset=sub)
+            info, created = await self.broker.create(
+                name, content_type=src.content_type, ttl_s=ttl, expires_at=expires,
+                extra=extra, closed=closed, initial=records)
+            forks = [f for f in src.extra.get("forks", []) if f != name] + [name]
+            await self.broker.set_extra(source, {"forks": forks})
+            return info, created
+
+    async def _read_range(self, name: str, start: int, stop: int) -> list[bytes]:
+        out: list[bytes] = []
+        while start < stop:
+            batch = await self.broker.read(name, start, max_records=stop - start)
+            out += batch.payloads()[: stop - start]
+            start = batch.next_offset
+        return out
+
+    async def _live_forks(self, info: SessionInfo) -> list[str]:
+        live = []
+        for fork in info.extra.get("forks", []):
+            try:
+                f = await self.broker.info(fork)
+            except SessionNotFound:
+                continue
+            if f.extra.get("forked_from") == info.name:
+                live.append(fork)
+        return live
+
+    async def _check_gone(self, info: SessionInfo) -> None:
+        """410 for a soft-deleted stream; 404 once its forks are all gone."""
+        if not info.extra.get("soft_deleted"):
+            return
+        if not await self._live_forks(info):
+            await self._remove(info)
+            raise SessionNotFound(info.name)
+        raise _Fail(410, "session_gone", "the stream was deleted (forks of it remain)")
+
+    async def _delete(self, name: str) -> None:
+        async with self._fork_lock:
+            info = await self.broker.info(name)
+            await self._check_gone(info)
+            if await self._live_forks(info):
+                await self.broker.set_extra(name, {"soft_deleted": True})
+            else:
+                await self._remove(info)
+
+    async def _remove(self, info: SessionInfo) -> None:
+        """Delete for real, then let a soft-deleted source go if this was its last fork."""
+        try:
+            await self.broker.delete(info.name)
+        except SessionNotFound:
+            pass
+        source = info.extra.get("forked_from")
+        if not isinstance(source, str):
+            return
+        try:
+            src = await self.broker.info(source)
+        except SessionNotFound:
+            return
+        forks = [f for f in src.extra.get("forks", []) if f != info.name]
+        await self.broker.set_extra(source, {"forks": forks})
+        if src.extra.get("soft_deleted") and not await self._live_forks(
+                await self.broker.info(source)):
+            await self._remove(src)
+
     # ----------------------------------------------------------- HEAD
 
     async def _head(self, name: str, out: Responder) -> None:
         info = await self.broker.info(name)
+        await self._check_gone(info)
         nxt = format_offset(info.next_offset)
         headers: Headers = [("content-type", info.content_type), ("Stream-Next-Offset", nxt),
                             ("cache-control", "no-store"),
@@ -273,6 +432,8 @@ class StreamsApi:
         seq = req.header(b"stream-seq")
         close = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
+        info = await self.broker.info(name, touch=True)
+        await self._check_gone(info)
         if not body and close and producer is not None:
             result = await self.broker.produce(name, [], producer=producer[0],
                                                epoch=producer[1], seq=producer[2], close=True)
@@ -289,7 +450,6 @@ class StreamsApi:
         ct = req.header(b"content-type")
         if not ct:
             raise _Fail(400, "content_type_required", "an append needs a Content-Type")
-        info = await self.broker.info(name, touch=True)
         if _media(ct) != _media(info.content_type):
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
@@ -365,6 +525,7 @@ class StreamsApi:
         offset = parse_offset(raw) if raw is not None else START
         cursor = params.get("cursor", [None])[0]
         info = await self.broker.info(name, touch=True)
+        await self._check_gone(info)
         if live == "sse":
             await self._sse(name, info, offset, cursor, out)
             return
