@@ -121,15 +121,24 @@ def _is_text(content_type: str) -> bool:
     return m.startswith("text/") or m == "application/json"
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_records(body: bytes, allow_empty: bool) -> list[bytes]:
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
         raise _Fail(400, "bad_json", "the body is not valid JSON") from None
     items = value if isinstance(value, list) else [value]
     if not items and not allow_empty:
         raise _Fail(400, "empty_array", "an empty JSON array appends nothing")
-    return [json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode() for v in items]
+    try:
+        return [json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()
+                for v in items]
+    except UnicodeEncodeError:
+        # An escaped lone surrogate ("\ud800") parses but is not Unicode text.
+        raise _Fail(400, "bad_json", "the body holds an invalid Unicode escape") from None
 
 
 def _json_body(batch: _core.Batch) -> bytes:
@@ -649,5 +658,10 @@ def _producer_headers(req: Request) -> tuple[str, int, int] | None:
 def _sse_event(kind: str, data: str) -> bytes:
     # Every line of the payload gets its own data: field (CR, LF and CRLF all
     # end lines in SSE), so a payload can never inject an event of its own.
+    # A client strips one space after "data:", so a line that starts with a
+    # space gets one extra, and every other line none (the form the
+    # conformance suite checks byte for byte).
     lines = re.split(r"\r\n|\r|\n", data)
-    return (f"event: {kind}\n" + "".join(f"data:{line}\n" for line in lines) + "\n").encode()
+    return (f"event: {kind}\n"
+            + "".join(f"data: {line}\n" if line.startswith(" ") else f"data:{line}\n"
+                      for line in lines) + "\n").encode()
