@@ -604,6 +604,7 @@ class StreamsApi:
         deadline = trio.current_time() + self.sse_max_s
         while not self._closing:
             batch = await sub.next(wait=False)
+            out_bytes = b""
             if batch:
                 if _is_json(ct):
                     data = _json_body(batch).decode()
@@ -611,18 +612,20 @@ class StreamsApi:
                     data = base64.b64encode(batch.join()).decode()
                 else:
                     data = batch.join().decode("utf-8", "replace")
-                await out.chunk(_sse_event("data", data))
+                out_bytes = _sse_event("data", data)
             info = await self.broker.info(name)
             at_tail = sub.offset >= info.next_offset
             control: dict[str, Any] = {"streamNextOffset": format_offset(sub.offset)}
             if info.closed and at_tail:
                 control["streamClosed"] = True
-                await out.chunk(_sse_event("control", json.dumps(control)))
+                await out.chunk(out_bytes + _sse_event("control", json.dumps(control)))
                 return
             control["streamCursor"] = _cursor(cursor)
             if at_tail:
                 control["upToDate"] = True
-            await out.chunk(_sse_event("control", json.dumps(control)))
+            # A data event and its control event go out in one write, so a
+            # reader never sees one without the other.
+            await out.chunk(out_bytes + _sse_event("control", json.dumps(control)))
             now = trio.current_time()
             if now >= deadline:
                 return
