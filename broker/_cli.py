@@ -43,6 +43,8 @@ class ServeOptions:
     long_poll_timeout_ms: int = 30_000
     sse_max_s: float = 60.0
     shutdown_grace_s: float = 10.0
+    segment_bytes: int = 64 * 1024 * 1024
+    retention_bytes: int = 0
     log_level: str = "INFO"
 
 
@@ -55,6 +57,9 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "long_poll_timeout_ms": (int, "how long a long-poll (and an idle SSE stream) waits"),
     "sse_max_s": (float, "an SSE response ends after this long, so the client reconnects"),
     "shutdown_grace_s": (float, "how long in-flight requests may finish on shutdown"),
+    "segment_bytes": (int, "a segment file rolls before it would pass this size"),
+    "retention_bytes": (int, "per session, older whole segments are deleted past this "
+                             "size; 0 keeps everything"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -97,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 async def serve(opts: ServeOptions,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGINT or SIGTERM; then drain, sync, and return."""
-    config = BrokerConfig(fsync=FsyncPolicy.parse(opts.fsync))
+    config = BrokerConfig(fsync=FsyncPolicy.parse(opts.fsync), segment_bytes=opts.segment_bytes,
+                          retention_bytes=opts.retention_bytes or None)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_broker(opts.data_dir, config) as broker:
             streams = StreamsApi(broker, opts.long_poll_timeout_ms / 1000, opts.sse_max_s)

@@ -932,3 +932,81 @@ def test_unknown_methods_get_405(http: httpx.Client, name: str, method: str) -> 
     assert r.status_code == 405, r.text
     assert r.json()["error"]["code"] == "method_not_allowed"
     assert http.post("/healthz").status_code == 405
+
+
+# ------------------------------------------- restarts: producers and followers
+
+def test_producer_dedupe_survives_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    def produce(c: httpx.Client, seq: int, body: bytes) -> httpx.Response:
+        return c.post(path("p"), content=body, headers={
+            **TEXT, "producer-id": "agent-1", "producer-epoch": "0", "producer-seq": str(seq)})
+
+    server = Server(data)
+    try:
+        with server.client() as c:
+            create(c, "p", TEXT)
+            assert produce(c, 0, b"a").status_code == 200
+            assert produce(c, 1, b"b").status_code == 200
+    finally:
+        assert server.stop(signal.SIGKILL) != 0
+    server = Server(data)
+    try:
+        with server.client() as c:
+            retry = produce(c, 1, b"b")              # the retry of an acknowledged append
+            assert retry.status_code == 204 and retry.headers["producer-seq"] == "1"
+            gap = produce(c, 5, b"x")
+            assert gap.status_code == 409 and gap.headers["producer-expected-seq"] == "2"
+            assert produce(c, 2, b"c").status_code == 200
+            assert c.get(path("p"), params={"offset": "-1"}).content == b"abc"
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_followers_resume_across_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = Server(data, "--long-poll-timeout-ms", "300", "--sse-max-s", "1")
+    try:
+        with server.client() as c:
+            create(c, "f", TEXT)
+            for word in (b"one ", b"two "):
+                append(c, "f", word, TEXT)
+            seen_lp = c.get(path("f"), params={"offset": "-1", "live": "long-poll"})
+            lp_offset = seen_lp.headers["stream-next-offset"]
+            _, events = read_sse(c, "f")        # ends after --sse-max-s
+            assert "".join(d for k, d in events if k == "data") == "one two "
+            last_control = [json.loads(d) for k, d in events if k == "control"][-1]
+            sse_offset = last_control["streamNextOffset"]
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+    server = Server(data, "--long-poll-timeout-ms", "300", "--sse-max-s", "1")
+    try:
+        with server.client() as c:
+            append(c, "f", b"three", TEXT)
+            c.post(path("f"), headers={"stream-closed": "true"})
+            lp = c.get(path("f"), params={"offset": lp_offset, "live": "long-poll"})
+            assert lp.status_code == 200 and lp.content == b"three"
+            _, events = read_sse(c, "f", sse_offset)
+            assert [d for k, d in events if k == "data"] == ["three"]
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+
+
+def test_read_below_retention_gets_410_with_the_earliest_offset(tmp_path: Path) -> None:
+    server = Server(tmp_path / "data", "--segment-bytes", "1024", "--retention-bytes", "2048")
+    try:
+        with server.client() as c:
+            create(c, "r", TEXT)
+            for i in range(100):
+                append(c, "r", b"%03d" % i * 20, TEXT)
+            gone = c.get(path("r"), params={"offset": off(0)})
+            assert gone.status_code == 410
+            earliest = gone.headers["stream-earliest-offset"]
+            assert earliest > off(0)
+            again = c.get(path("r"), params={"offset": earliest})
+            assert again.status_code == 200
+            first = int(earliest.split("_")[1])
+            assert again.content.startswith(b"%03d" % first * 20)
+    finally:
+        assert server.stop() == 0, "".join(server.log)
