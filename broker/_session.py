@@ -629,7 +629,10 @@ class SessionActor:
         if self.meta is None:
             raise SessionNotFound(self.name)
         if not self.meta.closed:
-            await self._store_meta(self.meta.with_(closed=True))
+            extra = self.meta.extra
+            if self._producers:
+                extra = {**extra, **self._producer_snapshot(self.committed)}
+            await self._store_meta(self.meta.with_(closed=True, extra=extra))
         return self.info()
 
     async def _do_close_producer(self, producer: str, epoch: int, seq: int) -> ProduceResult:
