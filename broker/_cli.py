@@ -121,6 +121,7 @@ async def serve(opts: ServeOptions,
                         log.info("received %s: shutting down", signal.Signals(sig).name)
                         break
                     listening.cancel_scope.cancel()     # stop accepting
+                server.closing = True                   # keep-alive connections close
                 streams.shut_down()                     # end long-polls and SSE now
                 with trio.move_on_after(opts.shutdown_grace_s) as grace:
                     while connections.child_tasks:

@@ -41,6 +41,7 @@ class HttpServer:
     def __init__(self, broker: Broker, streams: StreamsApi | None = None) -> None:
         self.broker = broker
         self.streams = streams or StreamsApi(broker)
+        self.closing = False          # set on shutdown: finish the current request, then close
 
     async def handle(self, req: Request, out: Responder) -> None:
         path = req.target.split("?", 1)[0]
@@ -81,8 +82,8 @@ class HttpServer:
                             if not out.sent:
                                 await stream.send_all(error(500, "internal", "internal error"))
                             return
-                        if not req.keep_alive:
-                            return
+                        if not req.keep_alive or self.closing:
+                            return      # shutting down: no more requests on this one
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
