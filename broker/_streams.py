@@ -207,24 +207,24 @@ class StreamsApi:
             else:
                 raise _Fail(405, "method_not_allowed", f"{req.method} is not supported")
         except _Fail as f:
-            await out.send(error(f.status, f.code, str(f), f.headers))
+            await _answer(out, error(f.status, f.code, str(f), f.headers))
         except (SessionNotFound, SessionDeleted):
-            await out.send(error(404, "session_not_found", f"stream {name!r} not found"))
+            await _answer(out, error(404, "session_not_found", f"stream {name!r} not found"))
         except EpochChanged as exc:
-            await out.send(error(409, exc.code, str(exc)))
+            await _answer(out, error(409, exc.code, str(exc)))
         except InvalidSessionName as exc:
-            await out.send(error(400, exc.code, str(exc)))
+            await _answer(out, error(400, exc.code, str(exc)))
         except (SessionExists, SequenceConflict) as exc:
-            await out.send(error(409, exc.code, str(exc)))
+            await _answer(out, error(409, exc.code, str(exc)))
         except OffsetTooOld as exc:
-            await out.send(error(410, exc.code, str(exc), [
+            await _answer(out, error(410, exc.code, str(exc), [
                 ("Stream-Earliest-Offset", format_offset(exc.earliest))]))
         except OffsetOutOfRange as exc:
-            await out.send(error(400, exc.code, str(exc)))
+            await _answer(out, error(400, exc.code, str(exc)))
         except RecordTooLarge as exc:
-            await out.send(error(413, exc.code, str(exc)))
+            await _answer(out, error(413, exc.code, str(exc)))
         except BrokerError as exc:
-            await out.send(error(500 if exc.code in ("internal", "storage_error") else 409,
+            await _answer(out, error(500 if exc.code in ("internal", "storage_error") else 409,
                                  exc.code, str(exc)))
 
     # ------------------------------------------------------------ PUT
@@ -656,6 +656,14 @@ def _producer_headers(req: Request) -> tuple[str, int, int] | None:
         if not _UINT_RE.fullmatch(value) or int(value) > 2**53 - 1:
             raise _Fail(400, "bad_producer", f"{label} must be a non-negative integer")
     return pid, int(epoch), int(seq)
+
+
+async def _answer(out: Responder, data: bytes) -> None:
+    """Send an error answer, unless a streamed response already began: then
+    the connection is dropped, since nothing valid can follow."""
+    if out.sent:
+        raise trio.ClosedResourceError("error after the response began")
+    await out.send(data)
 
 
 def _sse_event(kind: str, data: str) -> bytes:
