@@ -85,7 +85,7 @@ class Broker:
             ceiling = epoch + _EPOCH_BLOCK
             write_atomic(self._state_path,
                          json.dumps({"format": 1, "epoch_ceiling": ceiling}).encode(),
-                         durable=self.config.fsync.mode != "never")
+                         durable=self.config.fsync.durable)
             self._epoch_ceiling = ceiling
         self._next_epoch = epoch + 1
         return epoch
@@ -176,12 +176,8 @@ class Broker:
         part in the producer's sequence).  The producer table survives
         restarts: it is rebuilt from stamps in the log.
         """
-        if not payloads and close:
-            result: ProduceResult = await self._call(name, "close_producer",
-                                                     (producer, epoch, seq))
-        else:
-            result = await self._call(name, "produce",
-                                      (list(payloads), producer, epoch, seq, close))
+        result: ProduceResult = await self._call(
+            name, "produce", (list(payloads), producer, epoch, seq, close))
         return result
 
     async def info(self, name: str, *, touch: bool = False) -> SessionInfo:

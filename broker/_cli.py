@@ -13,7 +13,6 @@ session is synced and the process exits 0.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import logging
 import os

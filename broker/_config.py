@@ -42,6 +42,11 @@ class FsyncPolicy:
             raise ValueError(f"only the group policy takes parameters: {text!r}")
         return cls(mode, float(ms) if ms else 2.0, int(n) if n else 1000)  # type: ignore[arg-type]
 
+    @property
+    def durable(self) -> bool:
+        """Whether anything is fsynced at all (data and metadata alike)."""
+        return self.mode != "never"
+
     def __str__(self) -> str:
         if self.mode != "group":
             return self.mode

@@ -108,7 +108,6 @@ class SegmentLog:
         self._dir_dirty = False              # a file was created or removed
         self.recovered_bytes_dropped = 0     # what recovery truncated, for tests and logs
         self.syncs = 0                       # fsync rounds completed (a group counts once)
-        self._durable = config.fsync.mode != "never"
         self._last_chunk: tuple[str, int, bytes] | None = None  # (path, position, bytes)
 
     # ---------------------------------------------------------------- opening
@@ -138,10 +137,10 @@ class SegmentLog:
         if not segs:
             segs = [_Segment(directory, 0, 0)]
             fd = os.open(segs[0].path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            if self._durable:
+            if self._cfg.fsync.durable:
                 os.fsync(fd)
             os.close(fd)
-            if self._durable:
+            if self._cfg.fsync.durable:
                 fsync_dir(directory)
         if len(segs) > 1 and segs[-1].size == 0:
             # An empty active segment is only valid if the roll that made it was
@@ -220,7 +219,7 @@ class SegmentLog:
         # Seal the old segment on disk before the new one exists, so recovery,
         # which checks only the last segment, never trusts a sealed segment whose
         # tail a crash could have torn.  Once per segment: cheap.
-        if self._durable and old.path in self._dirty:
+        if self._cfg.fsync.durable and old.path in self._dirty:
             os.fsync(self._files.fd(old.path))
             self._dirty.discard(old.path)
         # The index is derived: written without fsync, checked when loaded.

@@ -30,6 +30,12 @@ def check_name(name: str) -> None:
         raise InvalidSessionName(f"a session name must be at most {MAX_NAME_BYTES} bytes")
 
 
+def media_type(content_type: str | None) -> str:
+    """``Text/Plain; charset=utf-8`` -> ``text/plain``: content types compare
+    without parameters and case-insensitively."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
 def dir_name(name: str) -> str:
     """A file name for the session: only [A-Za-z0-9_-] and %XX escapes.
 

@@ -60,7 +60,7 @@ from ._errors import (
 )
 from ._files import FileCache, fsync_dir, write_atomic
 from ._log import SegmentLog, fsync_all
-from ._meta import META_FILE, SessionMeta, load_meta
+from ._meta import META_FILE, SessionMeta, load_meta, media_type
 
 logger = logging.getLogger("broker.session")
 
@@ -105,11 +105,6 @@ class ProduceResult:
 
     def with_offsets(self, offsets: range) -> ProduceResult:
         return dataclasses.replace(self, offsets=offsets)
-
-
-def _media_type(content_type: str) -> str:
-    """``Text/Plain; charset=utf-8`` -> ``text/plain``: what create compares."""
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 class _Reply:
@@ -168,7 +163,6 @@ class SessionActor:
         self._metas: dict[int, bytes] = {}    # record meta for the batch being built
         self._pending_records = 0
         self._group_deadline = math.inf
-        self._durable = config.fsync.mode != "never"   # metadata fsyncs follow the policy
         self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
         self._producers: dict[str, tuple[int, int]] = {}  # producer id -> (epoch, last seq)
         self._producers_changed = False       # the table moved since the last snapshot
@@ -279,9 +273,7 @@ class SessionActor:
                     self.log.sync_blocking()
             finally:
                 self.log.close()
-        for reply, _, _, _ in self._pending:
-            reply.fail(StorageError("the session actor stopped before the append was synced"))
-        self._pending.clear()
+        self._fail_pending(StorageError("the session actor stopped before the append was synced"))
         self._wake()
         self.ready.set()
 
@@ -337,8 +329,7 @@ class SessionActor:
                 self._write(batch)
                 if await self._commit():
                     await self._do_delete()
-            if kind in ("append", "append_seq", "produce", "close", "close_producer",
-                        "set_extra"):
+            if kind in ("append", "append_seq", "produce", "close", "set_extra"):
                 self.touch()
             if kind == "produce":
                 if not arg[4]:
@@ -346,16 +337,14 @@ class SessionActor:
                     return
                 # Append-and-close: answered once the close, which follows the
                 # data, is durable too.
+                # With no records this is a close that takes part in the
+                # producer's sequence.
                 inner = _Reply()
                 self._produce(inner, batch, *arg)
                 self._write(batch)
-                if await self._commit() and inner.error is None:
-                    result: ProduceResult = inner.value
-                    assert self.meta is not None
-                    if result.status == "accepted" and not self.meta.closed:
-                        await self._store_meta(self.meta.with_(
-                            closed=True, extra={**self.meta.extra,
-                                                **self._producer_snapshot(self.committed)}))
+                if await self._commit() and inner.error is None \
+                        and inner.value.status == "accepted":
+                    await self._do_close()
                 await inner.event.wait()
                 if inner.error is not None:
                     raise inner.error
@@ -387,8 +376,6 @@ class SessionActor:
                 reply.set(await self._do_create(**arg))
             elif kind == "close":
                 reply.set(await self._do_close())
-            elif kind == "close_producer":
-                reply.set(await self._do_close_producer(*arg))
             elif kind == "delete":
                 await self._do_delete()
                 reply.set(None)
@@ -528,6 +515,13 @@ class SessionActor:
         batch.clear()
         self._metas = {}
 
+    def _fail_pending(self, error: BaseException) -> None:
+        """Fail every append that was written but not acknowledged."""
+        for reply, _, _, _ in self._pending:
+            reply.fail(error)
+        self._pending.clear()
+        self._pending_records = 0
+
     async def _commit(self) -> bool:
         """Make everything written durable (per policy), then ack and publish it.
 
@@ -538,7 +532,7 @@ class SessionActor:
         log = self.log
         if log is None:
             return True
-        if self._cfg.fsync.mode != "never" and log.needs_sync():
+        if self._cfg.fsync.durable and log.needs_sync():
             paths, fds, directory = log.begin_sync()
             ok = False
             try:
@@ -547,11 +541,7 @@ class SessionActor:
                 ok = True
             except OSError as exc:
                 logger.error("session %r: fsync failed: %s", self.name, exc)
-                err = StorageError(f"fsync failed: {exc}")
-                for reply, _, _, _ in self._pending:
-                    reply.fail(err)
-                self._pending.clear()
-                self._pending_records = 0
+                self._fail_pending(StorageError(f"fsync failed: {exc}"))
                 return False
             finally:
                 log.end_sync(paths, ok, directory)
@@ -562,10 +552,7 @@ class SessionActor:
             except OSError as exc:
                 logger.error("session %r: storing session metadata failed: %s",
                              self.name, exc)
-                for reply, _, _, _ in self._pending:
-                    reply.fail(StorageError(f"storing session metadata failed: {exc}"))
-                self._pending.clear()
-                self._pending_records = 0
+                self._fail_pending(StorageError(f"storing session metadata failed: {exc}"))
                 return False
         if log.next_offset != self.committed:
             self.committed = log.next_offset
@@ -584,7 +571,7 @@ class SessionActor:
                          initial: list[bytes]) -> tuple[SessionInfo, bool]:
         if self.meta is not None:
             m = self.meta
-            if _media_type(m.content_type) != _media_type(content_type):
+            if media_type(m.content_type) != media_type(content_type):
                 raise SessionExists(self.name, "content type")
             for field, want in (("ttl_s", ttl_s), ("expires_at", expires_at),
                                 ("closed", closed)):
@@ -594,7 +581,7 @@ class SessionActor:
         meta = SessionMeta(self.name, self._new_epoch(), content_type, time.time(), ttl_s,
                            expires_at, False, dict(extra))
 
-        durable, files, cfg = self._durable, self._files, self._cfg
+        durable, files, cfg = self._cfg.fsync.durable, self._files, self._cfg
         data = meta.to_json()    # before touching the disk: bad ``extra`` fails here
 
         def make() -> SegmentLog:
@@ -621,7 +608,7 @@ class SessionActor:
     async def _store_meta(self, meta: SessionMeta) -> None:
         data = meta.to_json()
         await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
-                                      data, self._durable)
+                                      data, self._cfg.fsync.durable)
         self.meta = meta
         self._wake()
 
@@ -629,27 +616,13 @@ class SessionActor:
         if self.meta is None:
             raise SessionNotFound(self.name)
         if not self.meta.closed:
+            # The producer table is snapshotted with the close: a close-only
+            # producer request leaves no record to carry its stamp.
             extra = self.meta.extra
             if self._producers:
                 extra = {**extra, **self._producer_snapshot(self.committed)}
             await self._store_meta(self.meta.with_(closed=True, extra=extra))
         return self.info()
-
-    async def _do_close_producer(self, producer: str, epoch: int, seq: int) -> ProduceResult:
-        """A close that takes part in a producer's sequence (no data)."""
-        reply = _Reply()
-        self._produce(reply, [], [], producer, epoch, seq, True)
-        if reply.event.is_set():
-            result: ProduceResult = reply.value
-            return result
-        (_, _, _, result_), = [p for p in self._pending if p[0] is reply]
-        self._pending = [p for p in self._pending if p[0] is not reply]
-        assert result_ is not None and self.meta is not None
-        if result_.status == "accepted":
-            await self._store_meta(self.meta.with_(
-                closed=True, extra={**self.meta.extra,
-                                    **self._producer_snapshot(self.committed)}))
-        return result_.with_offsets(range(self.committed, self.committed))
 
     async def _do_set_extra(self, changes: dict[str, Any]) -> SessionInfo:
         if self.meta is None:
@@ -671,5 +644,5 @@ class SessionActor:
         self._wake()
         log.close()
         await trio.to_thread.run_sync(log.remove)
-        if self._durable:
+        if self._cfg.fsync.durable:
             await trio.to_thread.run_sync(fsync_dir, os.path.dirname(self.directory))

@@ -27,6 +27,7 @@ transport.  ``-1`` means the oldest retained record and ``now`` the tail.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import math
@@ -34,6 +35,7 @@ import random
 import re
 import time
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -54,6 +56,7 @@ from ._errors import (
     SessionNotFound,
 )
 from ._http import Headers, Request, Responder, error, response
+from ._meta import media_type
 from ._session import NOW, START, ProduceResult, SessionInfo
 
 STREAM_PREFIX = "/v1/stream/"
@@ -108,16 +111,12 @@ def _cursor(client: str | None) -> str:
     return str(theirs + max(1, math.ceil(random.randint(1, 3600) / _CURSOR_INTERVAL_S)))
 
 
-def _media(content_type: str | None) -> str:
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
 def _is_json(content_type: str) -> bool:
-    return _media(content_type) == "application/json"
+    return media_type(content_type) == "application/json"
 
 
 def _is_text(content_type: str) -> bool:
-    m = _media(content_type)
+    m = media_type(content_type)
     return m.startswith("text/") or m == "application/json"
 
 
@@ -181,8 +180,16 @@ class StreamsApi:
         for scope in self._waits:
             scope.cancel()
 
-    def _wait_scope(self, seconds: float) -> trio.CancelScope:
-        return trio.move_on_after(0 if self._closing else seconds)
+    @contextlib.contextmanager
+    def _live_wait(self, deadline: float) -> Iterator[None]:
+        """A wait at the tail (long-poll, idle SSE) that ends at ``deadline``,
+        or at once when the server shuts down."""
+        with trio.move_on_at(-math.inf if self._closing else deadline) as scope:
+            self._waits.add(scope)
+            try:
+                yield
+            finally:
+                self._waits.discard(scope)
 
     async def handle(self, req: Request, out: Responder) -> None:
         path, _, query = req.target.partition("?")
@@ -314,7 +321,7 @@ class StreamsApi:
                 same = (e.get("forked_from") == source
                         and (fork_offset is None or e.get("fork_offset") == fork_offset)
                         and e.get("fork_sub_offset", 0) == sub
-                        and (ct is None or _media(ct) == _media(existing.content_type))
+                        and (ct is None or media_type(ct) == media_type(existing.content_type))
                         and existing.closed == closed)
                 if not same:
                     raise _Fail(409, "session_conflict",
@@ -327,7 +334,7 @@ class StreamsApi:
                     from None
             if src.extra.get("soft_deleted"):
                 raise _Fail(409, "session_conflict", "the source stream was deleted")
-            if ct is not None and _media(ct) != _media(src.content_type):
+            if ct is not None and media_type(ct) != media_type(src.content_type):
                 raise _Fail(409, "content_type_mismatch", "a fork keeps its source's type")
             at = src.next_offset if fork_offset is None else fork_offset
             if not src.start_offset <= at <= src.next_offset:
@@ -459,7 +466,7 @@ class StreamsApi:
         ct = req.header(b"content-type")
         if not ct:
             raise _Fail(400, "content_type_required", "an append needs a Content-Type")
-        if _media(ct) != _media(info.content_type):
+        if media_type(ct) != media_type(info.content_type):
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
         records = _json_records(body, allow_empty=False) if _is_json(ct) else [body]
@@ -471,10 +478,7 @@ class StreamsApi:
         try:
             offsets = await self.broker.append_many(name, records, seq=seq)
         except SessionClosed:
-            info = await self.broker.info(name)
-            raise _Fail(409, "session_closed", "the stream is closed", [
-                ("Stream-Closed", "true"),
-                ("Stream-Next-Offset", format_offset(info.next_offset))]) from None
+            raise await self._closed(name) from None
         headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop))]
         if close:
             await self.broker.close_session(name)
@@ -511,10 +515,13 @@ class StreamsApi:
                 ("Producer-Expected-Seq", str(r.expected_seq)),
                 ("Producer-Received-Seq", str(r.received_seq))])
         else:
-            info = await self.broker.info(name)
-            raise _Fail(409, "session_closed", "the stream is closed", [
-                ("Stream-Closed", "true"),
-                ("Stream-Next-Offset", format_offset(info.next_offset))])
+            raise await self._closed(name)
+
+    async def _closed(self, name: str) -> _Fail:
+        """The 409 for an append to a closed stream, with where it ends."""
+        info = await self.broker.info(name)
+        return _Fail(409, "session_closed", "the stream is closed", [
+            ("Stream-Closed", "true"), ("Stream-Next-Offset", format_offset(info.next_offset))])
 
     # ------------------------------------------------------------ GET
 
@@ -551,12 +558,8 @@ class StreamsApi:
         async with self.broker.subscribe(name, offset) as sub:
             batch = await sub.next(wait=False)
             if not batch and live == "long-poll" and not sub.finished:
-                with self._wait_scope(self.long_poll_timeout_s) as scope:
-                    self._waits.add(scope)
-                    try:
-                        batch = await sub.next()
-                    finally:
-                        self._waits.discard(scope)
+                with self._live_wait(trio.current_time() + self.long_poll_timeout_s):
+                    batch = await sub.next()
             info = await self.broker.info(name)
             nxt = format_offset(sub.offset)
             at_tail = sub.offset >= info.next_offset
@@ -630,12 +633,8 @@ class StreamsApi:
             if now >= deadline:
                 return
             if at_tail:
-                with trio.move_on_at(min(deadline, now + self.long_poll_timeout_s)) as scope:
-                    self._waits.add(scope)
-                    try:
-                        await sub.wait()
-                    finally:
-                        self._waits.discard(scope)
+                with self._live_wait(min(deadline, now + self.long_poll_timeout_s)):
+                    await sub.wait()
 
 
 _UINT_RE = re.compile(r"\d{1,16}")
