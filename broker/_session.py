@@ -363,10 +363,7 @@ class SessionActor:
                 kind = "append"
             if kind == "append":
                 self._check_append(arg)
-                assert self.log is not None
-                self._pending.append((reply, self.log.next_offset + len(batch), len(arg), None))
-                self._pending_records += len(arg)
-                batch.extend(arg)
+                self._queue(reply, batch, arg, None)
                 return
             # Anything else sees every earlier append durable first.
             self._write(batch)
@@ -425,9 +422,9 @@ class SessionActor:
                 reply.set(ProduceResult("invalid_epoch_seq"))
                 return
         elif seq <= state[1]:
-            result = ProduceResult("duplicate", epoch=epoch, last_seq=state[1],
-                                   closed=self.meta.closed)
-            self._pending.append((reply, self.log.next_offset + len(batch), 0, result))
+            self._queue(reply, batch, [], ProduceResult("duplicate", epoch=epoch,
+                                                        last_seq=state[1],
+                                                        closed=self.meta.closed))
             return
         elif seq != state[1] + 1:
             reply.set(ProduceResult("sequence_gap", expected_seq=state[1] + 1,
@@ -441,7 +438,14 @@ class SessionActor:
         if payloads:
             stamp = b"\x01" + msgpack.packb([producer, epoch, seq])
             self._metas[len(batch) + len(payloads) - 1] = stamp
-        result = ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close)
+        self._queue(reply, batch, payloads,
+                    ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close))
+
+    def _queue(self, reply: _Reply, batch: list[bytes], payloads: Sequence[bytes],
+               result: ProduceResult | None) -> None:
+        """Add ``payloads`` to the batch being built; ``reply`` is answered once
+        they are committed (with their offsets, or ``result`` carrying them)."""
+        assert self.log is not None
         self._pending.append((reply, self.log.next_offset + len(batch), len(payloads), result))
         self._pending_records += len(payloads)
         batch.extend(payloads)
@@ -595,9 +599,9 @@ class SessionActor:
         self.touch()
         if initial:
             self._check_append(initial)
-            self._pending.append((_Reply(), self.committed, len(initial), None))
-            self._pending_records += len(initial)
-            self._write(list(initial))
+            batch: list[bytes] = []
+            self._queue(_Reply(), batch, initial, None)
+            self._write(batch)
             if not await self._commit():
                 raise StorageError("the session's storage failed; retry")
         if closed:
