@@ -32,6 +32,7 @@ cdef class Ring:
     cdef int64_t* _ts                 # per slot: timestamp
     cdef uint32_t* _len               # per slot: payload length
     cdef uint16_t* _flags             # per slot: flags
+    cdef uint16_t* _mlen              # per slot: leading bytes of the stored run that are record meta
     cdef int64_t _start_offset        # offset of the oldest record held
     cdef Py_ssize_t _count            # records held; offsets are start .. start+count-1
     cdef Py_ssize_t _head             # slot of the oldest record
@@ -39,7 +40,7 @@ cdef class Ring:
 
     cdef void _evict_oldest(self)
     cdef int _push(self, int64_t ts, const unsigned char* data, uint32_t length,
-                   uint16_t flags)
+                   uint16_t flags, uint16_t mlen)
 
 
 cdef class SparseIndex:

@@ -26,16 +26,19 @@ A session's records move through three shapes, and all three are here:
 Record framing (little-endian), 24-byte header, payload, 4-byte trailer::
 
     0   u32  payload length
-    4   u16  flags (bits 0-3: compression codec, 0 = none; the rest reserved)
+    4   u16  flags (bits 0-3: compression codec, 0 = none; bits 8-13: the
+             record's kind, 0 message, 1 signal; the rest reserved)
     6   u16  meta length m (0 for most records)
     8   i64  offset
     16  i64  timestamp, microseconds since the Unix epoch
     24  ...  m bytes of record meta, then len - m bytes of payload
     24+len  u32  CRC-32 (zlib polynomial) of header, meta and payload
 
-Record meta is storage-level data about a record that is not part of what the
-client appended: today, the idempotent-producer stamp (id, epoch, seq) on the
-last record of a producer's append.  Readers get the payload alone.
+Record meta is the record's header, kept apart from the payload the client
+appended: a msgpack array ``[publisher, app meta, producer stamp]`` (trailing
+nils left out), where the stamp ``[id, epoch, seq]`` marks the last record of
+an idempotent producer's append.  Payload readers get the payload alone;
+``pack_data`` copies the header verbatim into WebSocket data frames.
 
 Nothing in this module does I/O or knows about Trio; the Python around it does.
 """
@@ -215,7 +218,7 @@ cdef class Batch:
         return memoryview(self.buffer)[self._start[i]:self._start[i] + self._len[i]]
 
     def meta(self, Py_ssize_t i):
-        """Record i's meta bytes, or None (records served from the ring have none)."""
+        """Record i's meta bytes, or None."""
         i = self._check(i)
         if self._mlen[i] == 0:
             return None
@@ -303,8 +306,9 @@ cdef class Ring:
         self._ts = <int64_t*>malloc(max_records * sizeof(int64_t))
         self._len = <uint32_t*>malloc(max_records * sizeof(uint32_t))
         self._flags = <uint16_t*>malloc(max_records * sizeof(uint16_t))
+        self._mlen = <uint16_t*>malloc(max_records * sizeof(uint16_t))
         if (self._arena == NULL or self._vstart == NULL or self._ts == NULL
-                or self._len == NULL or self._flags == NULL):
+                or self._len == NULL or self._flags == NULL or self._mlen == NULL):
             raise MemoryError()
         self._start_offset = 0
         self._count = 0
@@ -317,6 +321,7 @@ cdef class Ring:
         free(self._ts)
         free(self._len)
         free(self._flags)
+        free(self._mlen)
 
     @property
     def capacity(self):
@@ -359,7 +364,7 @@ cdef class Ring:
         self._start_offset += 1
 
     cdef int _push(self, int64_t ts, const unsigned char* data, uint32_t length,
-                   uint16_t flags):
+                   uint16_t flags, uint16_t mlen):
         # Returns 1 when stored, 0 when the record alone exceeds the budget (the
         # ring is then emptied and positioned after it).
         cdef int64_t v
@@ -383,6 +388,7 @@ cdef class Ring:
         self._ts[slot] = ts
         self._len[slot] = length
         self._flags[slot] = flags
+        self._mlen[slot] = mlen
         if length:
             memcpy(self._arena + phys, data, length)
         self._wvirt = v + length
@@ -406,17 +412,34 @@ cdef class Ring:
             if isinstance(p, bytes):
                 n = PyBytes_GET_SIZE(p)
                 stored = self._push(timestamp, <const unsigned char*>PyBytes_AS_STRING(p),
-                                    <uint32_t>n, flags)
+                                    <uint32_t>n, flags, 0)
             else:
                 view = p
                 n = view.shape[0]
                 if n:
-                    stored = self._push(timestamp, &view[0], <uint32_t>n, flags)
+                    stored = self._push(timestamp, &view[0], <uint32_t>n, flags, 0)
                 else:
-                    stored = self._push(timestamp, NULL, 0, flags)
+                    stored = self._push(timestamp, NULL, 0, flags, 0)
             off += 1
             if not stored:
                 self._start_offset = off
+
+    def extend_framed(self, bytes framed):
+        """Add the records in ``framed``, as ``encode`` made them (trusted: the
+        caller just encoded them), keeping each record's flags and meta."""
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(framed)
+        cdef Py_ssize_t pos = 0, n = PyBytes_GET_SIZE(framed)
+        cdef uint32_t ln
+        cdef int64_t off
+        while pos + _OVH <= n:
+            ln = _get_u32(p + pos)
+            off = _get_i64(p + pos + 8)
+            if off != self._start_offset + self._count or pos + _OVH + ln > n:
+                raise ValueError(f"ring expects offset {self._start_offset + self._count}, got {off}")
+            if not self._push(_get_i64(p + pos + 16), p + pos + _HDR, ln, _get_u16(p + pos + 4),
+                              _get_u16(p + pos + 6)):
+                self._start_offset = off + 1
+            pos += _OVH + ln
 
     def read(self, int64_t from_offset, int64_t upto_offset=-1,
              Py_ssize_t max_records=1 << 30, Py_ssize_t max_bytes=1 << 30):
@@ -456,10 +479,10 @@ cdef class Ring:
             phys = self._vstart[s] % self._capacity
             memcpy(dst + pos, self._arena + phys, self._len[s])
             b._ts[i] = self._ts[s]
-            b._start[i] = pos
-            b._len[i] = self._len[s]
+            b._start[i] = pos + self._mlen[s]
+            b._len[i] = self._len[s] - self._mlen[s]
             b._flags[i] = self._flags[s]
-            b._mlen[i] = 0
+            b._mlen[i] = self._mlen[s]
             pos += self._len[s]
         return b
 
@@ -583,14 +606,18 @@ cdef class SparseIndex:
 
 # ------------------------------------------------------------- record framing
 
-def encode(int64_t first_offset, int64_t timestamp, payloads, uint16_t flags=0,
+def encode(int64_t first_offset, int64_t timestamp, payloads, flags=0,
            SparseIndex index=None, int64_t file_pos=0, dict metas=None):
     """Frame ``payloads`` as consecutive records, in one bytes object.
 
-    When ``index`` is given, entries are noted for records that start at
-    ``file_pos`` plus their place in the output.  ``metas`` maps a record's
-    place in ``payloads`` to its meta bytes (at most 65,535).
+    ``flags`` is one flags word for every record, or a dict from a record's
+    place in ``payloads`` to its flags (0 for the others).  When ``index`` is
+    given, entries are noted for records that start at ``file_pos`` plus their
+    place in the output.  ``metas`` maps a record's place in ``payloads`` to
+    its meta bytes (at most 65,535).
     """
+    cdef dict flag_map = flags if isinstance(flags, dict) else None
+    cdef uint16_t fl, all_flags = 0 if flag_map is not None else <uint16_t>flags
     cdef list items = list(payloads)
     cdef Py_ssize_t i, n = len(items), total = 0, pos = 0
     cdef Py_ssize_t ln, ml
@@ -626,8 +653,11 @@ def encode(int64_t first_offset, int64_t timestamp, payloads, uint16_t flags=0,
             m = metas[i]
             ml = PyBytes_GET_SIZE(m)
             memcpy(dst + pos + _HDR, PyBytes_AS_STRING(m), ml)
+        fl = all_flags
+        if flag_map and i in flag_map:
+            fl = <uint16_t>flag_map[i]
         _put_u32(dst + pos, <uint32_t>(ml + ln))
-        _put_u16(dst + pos + 4, flags)
+        _put_u16(dst + pos + 4, fl)
         _put_u16(dst + pos + 6, <uint16_t>ml)
         _put_i64(dst + pos + 8, first_offset + i)
         _put_i64(dst + pos + 16, timestamp)
@@ -743,3 +773,171 @@ def decode(bytes buffer, Py_ssize_t pos, int64_t from_offset, int64_t upto_offse
         b._mlen[i] = <uint16_t>ml
         pos += _OVH + size
     return b, pos, status
+
+
+# ------------------------------------------------ WebSocket data frames (msgpack)
+#
+# The server's fan-out sends the same records to many subscribers.  pack_data
+# turns a Batch into one complete, unmasked binary WebSocket frame whose body
+# is a msgpack map (docs/protocol.md, "data"): the caller's ``prefix`` holds
+# the map header and every key and value before the records, and this writes
+# the records array.  Server frames are unmasked, so the bytes built once go
+# to every subscriber at the same offset.
+
+KIND_SHIFT = 8
+ALL_KINDS = 0xFFFFFFFFFFFFFFFF
+
+cdef inline Py_ssize_t _mp_uint_size(int64_t v) noexcept nogil:
+    if v < 0:
+        return 9
+    if v < 128:
+        return 1
+    if v < 256:
+        return 2
+    if v < 65536:
+        return 3
+    if v < <int64_t>0x100000000:
+        return 5
+    return 9
+
+cdef inline Py_ssize_t _mp_put_int(unsigned char* p, int64_t v) noexcept nogil:
+    cdef uint64_t u = <uint64_t>v
+    cdef int i
+    if v < 0:
+        p[0] = 0xd3
+    elif v < 128:
+        p[0] = <unsigned char>v
+        return 1
+    elif v < 256:
+        p[0] = 0xcc
+        p[1] = <unsigned char>v
+        return 2
+    elif v < 65536:
+        p[0] = 0xcd
+        p[1] = <unsigned char>(v >> 8)
+        p[2] = <unsigned char>v
+        return 3
+    elif v < <int64_t>0x100000000:
+        p[0] = 0xce
+        for i in range(4):
+            p[1 + i] = <unsigned char>(u >> (24 - 8 * i))
+        return 5
+    else:
+        p[0] = 0xcf
+    for i in range(8):
+        p[1 + i] = <unsigned char>(u >> (56 - 8 * i))
+    return 9
+
+cdef inline Py_ssize_t _mp_len_size(Py_ssize_t n, Py_ssize_t small) noexcept nogil:
+    # Header size of an array (small=16) or bin (small=0) of n elements/bytes.
+    if small and n < small:
+        return 1
+    if not small and n < 256:
+        return 2
+    if n < 65536:
+        return 3
+    return 5
+
+cdef inline Py_ssize_t _mp_put_len(unsigned char* p, Py_ssize_t n, bint array) noexcept nogil:
+    if array:
+        if n < 16:
+            p[0] = <unsigned char>(0x90 | n)
+            return 1
+        if n < 65536:
+            p[0] = 0xdc
+            p[1] = <unsigned char>(n >> 8)
+            p[2] = <unsigned char>n
+            return 3
+        p[0] = 0xdd
+    else:
+        if n < 256:
+            p[0] = 0xc4
+            p[1] = <unsigned char>n
+            return 2
+        if n < 65536:
+            p[0] = 0xc5
+            p[1] = <unsigned char>(n >> 8)
+            p[2] = <unsigned char>n
+            return 3
+        p[0] = 0xc6
+    p[1] = <unsigned char>(n >> 24)
+    p[2] = <unsigned char>(n >> 16)
+    p[3] = <unsigned char>(n >> 8)
+    p[4] = <unsigned char>n
+    return 5
+
+
+def pack_data(bytes prefix, Batch batch, uint64_t kinds=ALL_KINDS,
+              Py_ssize_t limit=1 << 30):
+    """A binary WebSocket frame: ``prefix`` then the msgpack array of records.
+
+    Each record is ``[offset, ts, kind, header, payload]``; the header is the
+    record's stored meta (already msgpack) or nil.  Only records whose kind
+    bit is set in ``kinds`` are included, at most ``limit`` of them.  Returns
+    (frame, records included, next offset): the frame is None when no record
+    matched, and the next offset is past every record looked at.
+    """
+    cdef Py_ssize_t i, n = batch._count, count = 0, body, size, pos
+    cdef Py_ssize_t stop = n
+    cdef unsigned int kind
+    cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(batch.buffer)
+    cdef unsigned char* dst
+    cdef bytes out
+    cdef int64_t off
+    body = PyBytes_GET_SIZE(prefix)
+    for i in range(n):
+        kind = (batch._flags[i] >> KIND_SHIFT) & 0x3F
+        if not (kinds >> kind) & 1:
+            continue
+        if count == limit:
+            stop = i
+            break
+        count += 1
+        off = batch._first_offset + i
+        body += (1 + _mp_uint_size(off) + _mp_uint_size(batch._ts[i]) + 1
+                 + (batch._mlen[i] if batch._mlen[i] else 1)
+                 + _mp_len_size(batch._len[i], 0) + batch._len[i])
+    if count == 0:
+        return None, 0, batch._first_offset + stop
+    body += _mp_len_size(count, 16)
+    size = body + (2 if body < 126 else 4 if body < 65536 else 10)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    dst = <unsigned char*>PyBytes_AS_STRING(out)
+    dst[0] = 0x82                       # FIN + binary
+    if body < 126:
+        dst[1] = <unsigned char>body
+        pos = 2
+    elif body < 65536:
+        dst[1] = 126
+        dst[2] = <unsigned char>(body >> 8)
+        dst[3] = <unsigned char>body
+        pos = 4
+    else:
+        dst[1] = 127
+        for i in range(8):
+            dst[2 + i] = <unsigned char>((<uint64_t>body) >> (56 - 8 * i))
+        pos = 10
+    memcpy(dst + pos, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
+    pos += PyBytes_GET_SIZE(prefix)
+    pos += _mp_put_len(dst + pos, count, 1)
+    for i in range(stop):
+        kind = (batch._flags[i] >> KIND_SHIFT) & 0x3F
+        if not (kinds >> kind) & 1:
+            continue
+        dst[pos] = 0x95                 # fixarray of 5
+        pos += 1
+        pos += _mp_put_int(dst + pos, batch._first_offset + i)
+        pos += _mp_put_int(dst + pos, batch._ts[i])
+        dst[pos] = <unsigned char>kind
+        pos += 1
+        if batch._mlen[i]:
+            memcpy(dst + pos, base + batch._start[i] - batch._mlen[i], batch._mlen[i])
+            pos += batch._mlen[i]
+        else:
+            dst[pos] = 0xc0
+            pos += 1
+        pos += _mp_put_len(dst + pos, batch._len[i], 0)
+        memcpy(dst + pos, base + batch._start[i], batch._len[i])
+        pos += batch._len[i]
+    assert pos == size
+    return out, count, batch._first_offset + stop

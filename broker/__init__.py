@@ -25,9 +25,12 @@ from ._errors import SessionDeleted as SessionDeleted
 from ._errors import SessionExists as SessionExists
 from ._errors import SessionNotFound as SessionNotFound
 from ._errors import StorageError as StorageError
+from ._session import MESSAGE as MESSAGE
 from ._session import NOW as NOW
+from ._session import SIGNAL as SIGNAL
 from ._session import START as START
 from ._session import ProduceResult as ProduceResult
+from ._session import Reply as Reply
 from ._session import SessionInfo as SessionInfo
 
 Batch = _core.Batch

@@ -30,7 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,7 +41,7 @@ from ._config import BrokerConfig
 from ._errors import BrokerClosed, BrokerError, EpochChanged, OffsetOutOfRange, SessionDeleted
 from ._files import FileCache, write_atomic
 from ._meta import check_name, dir_name
-from ._session import START, ProduceResult, SessionActor, SessionInfo
+from ._session import MESSAGE, START, ProduceResult, Publish, Reply, SessionActor, SessionInfo
 
 __all__ = ["Broker", "Subscription", "open_broker"]
 
@@ -155,6 +155,44 @@ class Broker:
         else:
             offsets = await self._call(name, "append", list(payloads))
         return offsets
+
+    async def publish(self, name: str, payloads: Sequence[bytes], *, kind: int = MESSAGE,
+                      publisher: str | None = None, metas: Sequence[Any] | None = None,
+                      producer: tuple[str, int, int] | None = None) -> range | ProduceResult:
+        """Append records with headers (docs/protocol.md, "Records").
+
+        ``kind`` (0-63) is stored with every record, ``publisher`` and the
+        per-record application ``metas`` in each record's header.  Without
+        ``producer`` this answers the range of offsets; with ``(id, epoch,
+        seq)`` it is an idempotent producer's append and answers a
+        ProduceResult, as ``produce`` does.
+        """
+        reply = await self.submit_publish(name, payloads, kind=kind, publisher=publisher,
+                                          metas=metas, producer=producer)
+        result: range | ProduceResult = await reply.wait()
+        return result
+
+    async def submit_publish(self, name: str, payloads: Sequence[bytes], *,
+                             kind: int = MESSAGE, publisher: str | None = None,
+                             metas: Sequence[Any] | None = None,
+                             producer: tuple[str, int, int] | None = None,
+                             on_done: Callable[[Reply], None] | None = None) -> Reply:
+        """``publish`` without waiting for the answer: returns once the append
+        is queued (which waits only while the session's mailbox is full), so a
+        publisher can pipeline.  The Reply is answered in queue order; if it
+        fails with trio.ClosedResourceError the session restarted before
+        taking it, and the publish may be retried."""
+        if metas is not None and len(metas) != len(payloads):
+            raise ValueError("metas must have one entry per payload")
+        pub = Publish(kind, publisher, metas)
+        while True:
+            actor = await self._actor(name)
+            reply = Reply(on_done)
+            try:
+                await actor.send("publish", (list(payloads), pub, producer), reply)
+                return reply
+            except trio.ClosedResourceError:
+                continue
 
     async def _live(self, name: str) -> SessionActor:
         """The session's actor, after applying expiry (an expired session is

@@ -188,9 +188,11 @@ class SegmentLog:
     # -------------------------------------------------------------- appending
 
     def append(self, payloads: Sequence[bytes], timestamp: int,
-               metas: dict[int, bytes] | None = None) -> int:
-        """Write records for ``payloads`` (``metas``: record meta by position);
-        return the first offset. Not yet durable."""
+               metas: dict[int, bytes] | None = None,
+               flags: dict[int, int] | None = None) -> bytes:
+        """Write records for ``payloads`` (``metas`` and ``flags``: record meta
+        and flags by position, see _core.encode); return the framed bytes
+        written, whose first record is the old ``next_offset``. Not yet durable."""
         active = self._segments[-1]
         total = (sum(map(len, payloads)) + _core.RECORD_OVERHEAD * len(payloads)
                  + (sum(map(len, metas.values())) if metas else 0))
@@ -198,7 +200,8 @@ class SegmentLog:
             active = self._roll()
         first = self.next_offset
         assert active.index is not None
-        data = _core.encode(first, timestamp, payloads, 0, active.index, active.size, metas)
+        data = _core.encode(first, timestamp, payloads, flags or 0, active.index, active.size,
+                            metas)
         fd = self._files.fd(active.path)
         try:
             view, pos = memoryview(data), active.size
@@ -211,7 +214,7 @@ class SegmentLog:
         active.size += len(data)
         self.next_offset += len(payloads)
         self._dirty.add(active.path)
-        return first
+        return data
 
     def _roll(self) -> _Segment:
         old = self._segments[-1]

@@ -68,6 +68,43 @@ logger = logging.getLogger("broker.session")
 START = -1   # the oldest record still retained
 NOW = -2     # the current end: only records appended from now on
 
+# Record kinds (stored in bits 8-13 of a record's flags; docs/protocol.md).
+MESSAGE = 0
+SIGNAL = 1
+MAX_KIND = 63
+
+
+def record_header(publisher: str | None, meta: Any = None,
+                  stamp: tuple[str, int, int] | None = None) -> bytes | None:
+    """A record's stored header: msgpack ``[publisher, meta, stamp]`` with
+    trailing nils left out, or None when all three are absent."""
+    fields: list[Any] = [publisher, meta, list(stamp) if stamp is not None else None]
+    while fields and fields[-1] is None:
+        fields.pop()
+    return msgpack.packb(fields) if fields else None
+
+
+def header_stamp(header: bytes) -> tuple[str, int, int] | None:
+    """The idempotent-producer stamp in a stored header, if any."""
+    fields = msgpack.unpackb(header)
+    if isinstance(fields, list) and len(fields) > 2 and fields[2] is not None:
+        producer, epoch, seq = fields[2]
+        return producer, epoch, seq
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """What a publisher adds to each record besides its payload."""
+
+    kind: int = MESSAGE
+    publisher: str | None = None
+    metas: Sequence[Any] | None = None    # application meta per record (None: none)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.kind <= MAX_KIND:
+            raise ValueError(f"record kind must be 0..{MAX_KIND}, not {self.kind}")
+
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
@@ -107,23 +144,33 @@ class ProduceResult:
         return dataclasses.replace(self, offsets=offsets)
 
 
-class _Reply:
-    """A one-shot answer to a command."""
+class Reply:
+    """A one-shot answer to a command.
 
-    __slots__ = ("event", "value", "error")
+    Await ``wait()``, or pass ``on_done``: it is called (on the actor's task,
+    so it must not block) with the reply once it is answered.  Pipelined
+    publishers use the callback, so a connection needs no task per request.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("event", "value", "error", "on_done")
+
+    def __init__(self, on_done: Callable[[Reply], None] | None = None) -> None:
         self.event = trio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+        self.on_done = on_done
 
     def set(self, value: Any) -> None:
         self.value = value
         self.event.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.event.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
     async def wait(self) -> Any:
         await self.event.wait()
@@ -141,7 +188,7 @@ class SessionActor:
         self._cfg = config
         self._new_epoch = new_epoch
         self._on_exit = on_exit
-        self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, _Reply]](
+        self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, Reply]](
             config.mailbox_size)
         self.ready = trio.Event()
         self.start_error: BaseException | None = None
@@ -159,10 +206,18 @@ class SessionActor:
         # Private to the actor task:
         # Appends written, not yet acked: (reply, first offset, count, producer
         # result to answer with, or None to answer with the range of offsets).
-        self._pending: list[tuple[_Reply, int, int, ProduceResult | None]] = []
+        self._pending: list[tuple[Reply, int, int, ProduceResult | None]] = []
         self._metas: dict[int, bytes] = {}    # record meta for the batch being built
+        self._flags: dict[int, int] = {}      # record flags (kind) for the batch being built
         self._pending_records = 0
-        self._group_deadline = math.inf
+        self._group_deadline = math.inf       # when the unsynced group must start its fsync
+        # The fsync in flight, if any (see _start_sync): what it covers, and its
+        # outcome once the worker is done (True, or the OSError).
+        self._helpers: trio.Nursery | None = None
+        self._inflight: tuple[int, list[str], str | None] | None = None
+        self._sync_outcome: bool | OSError | None = None
+        self._sync_done = trio.Event()
+        self._recv_scope: trio.CancelScope | None = None
         self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
         self._producers: dict[str, tuple[int, int]] = {}  # producer id -> (epoch, last seq)
         self._producers_changed = False       # the table moved since the last snapshot
@@ -170,14 +225,19 @@ class SessionActor:
 
     # ------------------------------------------------------------------ api
 
-    async def call(self, kind: str, arg: Any = None) -> Any:
-        """Send a command and wait for its answer. Raises trio.ClosedResourceError
-        if the actor has exited (the broker then starts a new one)."""
-        reply = _Reply()
+    async def send(self, kind: str, arg: Any, reply: Reply) -> None:
+        """Queue a command; ``reply`` gets the answer. Raises
+        trio.ClosedResourceError if the actor has exited (the broker then
+        starts a new one)."""
         try:
             await self._send.send((kind, arg, reply))
         except trio.BrokenResourceError:
             raise trio.ClosedResourceError from None
+
+    async def call(self, kind: str, arg: Any = None) -> Any:
+        """Send a command and wait for its answer (see ``send``)."""
+        reply = Reply()
+        await self.send(kind, arg, reply)
         return await reply.wait()
 
     def info(self) -> SessionInfo:
@@ -231,7 +291,9 @@ class SessionActor:
             raise
         task_status.started()
         try:
-            await self._serve()
+            async with trio.open_nursery() as helpers:
+                self._helpers = helpers
+                await self._serve()
         except Exception:
             # One session's failure must not take the broker down with it.
             logger.exception("session %r: actor failed; it restarts on next use", self.name)
@@ -288,22 +350,26 @@ class SessionActor:
     async def _serve(self) -> None:
         fsync = self._cfg.fsync
         while True:
-            if self._pending:
-                timeout = max(0.0, self._group_deadline - trio.current_time())
+            if self._sync_outcome is not None and not await self._finish_sync():
+                return
+            self._maybe_start_sync()
+            if self._inflight is not None:
+                deadline = math.inf         # the sync worker wakes us (_recv_scope)
+            elif self._pending:
+                deadline = self._group_deadline
             else:
-                timeout = self._cfg.idle_timeout_s if self.meta is not None else 1.0
+                idle = self._cfg.idle_timeout_s if self.meta is not None else 1.0
+                deadline = trio.current_time() + idle
             cmd = None
-            with trio.move_on_after(timeout):
+            with trio.CancelScope(deadline=deadline) as self._recv_scope:
                 try:
                     cmd = await self._inbox.receive()
                 except trio.EndOfChannel:
                     await self._commit()
                     return
+            self._recv_scope = None
             if cmd is None:
-                if self._pending:
-                    if not await self._commit():
-                        return
-                elif self._idle():
+                if not self._pending and self._inflight is None and self._idle():
                     return          # reaped; _exit syncs and closes
                 continue
             batch: list[bytes] = []
@@ -314,23 +380,90 @@ class SessionActor:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     cmd = None
             self._write(batch)
-            if not self._pending:
-                continue
-            if fsync.mode != "group" or self._pending_records >= fsync.max_records:
+            if self._pending and not fsync.durable:
                 if not await self._commit():
                     return
-            elif self._group_deadline == math.inf:
-                self._group_deadline = trio.current_time() + fsync.interval_ms / 1000
+            elif self._pending and self._group_deadline == math.inf:
+                delay = fsync.interval_ms / 1000 if fsync.mode == "group" else 0.0
+                self._group_deadline = trio.current_time() + delay
 
-    async def _handle(self, cmd: tuple[str, Any, _Reply], batch: list[bytes]) -> None:
+    # ------------------------------------------------------ pipelined commits
+    #
+    # An fsync runs in a worker thread while the actor goes on taking commands
+    # and writing them: appends that arrive during one fsync form the next
+    # group, whose fsync starts as soon as this one is done (and, with the
+    # group policy, its window has passed or it is full).  So under load the
+    # groups grow by themselves, and an append waits for at most the fsync in
+    # flight plus its own.  Only what an fsync covers (everything written
+    # before it started) is acknowledged and made visible when it completes.
+
+    def _maybe_start_sync(self) -> None:
+        log, fsync = self.log, self._cfg.fsync
+        if (self._inflight is not None or log is None or not self._pending
+                or not fsync.durable):
+            return
+        if not log.needs_sync():
+            self._publish(log.next_offset)    # e.g. a duplicate: nothing new to sync
+            return
+        unsynced = log.next_offset - self.committed
+        if trio.current_time() < self._group_deadline and unsynced < fsync.max_records:
+            return
+        self._group_deadline = math.inf
+        paths, fds, directory = log.begin_sync()
+        self._inflight = (log.next_offset, paths, directory)
+        self._sync_done = trio.Event()
+        assert self._helpers is not None
+        self._helpers.start_soon(self._sync_worker, fds, directory)
+
+    async def _sync_worker(self, fds: list[int], directory: str | None) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(fsync_all, fds, directory)
+            self._sync_outcome = True
+        except OSError as exc:
+            self._sync_outcome = exc
+        self._sync_done.set()
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    async def _finish_sync(self) -> bool:
+        """Take the outcome of the fsync in flight; False if the disk failed."""
+        await self._sync_done.wait()
+        assert self._inflight is not None and self.log is not None
+        upto, paths, directory = self._inflight
+        outcome = self._sync_outcome
+        self._inflight = None
+        self._sync_outcome = None
+        self.log.end_sync(paths, outcome is True, directory)
+        if outcome is not True:
+            logger.error("session %r: fsync failed: %s", self.name, outcome)
+            self._fail_pending(StorageError(f"fsync failed: {outcome}"))
+            return False
+        if self.meta is not None and self._meta_updates_due():
+            # Metadata must describe only durable records: settle everything.
+            return await self._commit()
+        self._publish(upto)
+        return True
+
+    async def _handle(self, cmd: tuple[str, Any, Reply], batch: list[bytes]) -> None:
         kind, arg, reply = cmd
         try:
             if self.expired():
                 self._write(batch)
                 if await self._commit():
                     await self._do_delete()
-            if kind in ("append", "append_seq", "produce", "close", "set_extra"):
+            if kind in ("append", "append_seq", "produce", "publish", "close", "set_extra"):
                 self.touch()
+            if kind == "publish":
+                # The WebSocket path: records with headers, maybe idempotent.
+                payloads, pub, producer = arg
+                if producer is None:
+                    self._check_append(payloads)
+                    self._queue(reply, batch, payloads, None, pub)
+                else:
+                    pid, pepoch, pseq = producer
+                    self._produce(reply, batch, payloads, pid, pepoch, pseq, False, pub)
+                return
             if kind == "produce":
                 if not arg[4]:
                     self._produce(reply, batch, *arg)
@@ -339,7 +472,7 @@ class SessionActor:
                 # data, is durable too.
                 # With no records this is a close that takes part in the
                 # producer's sequence.
-                inner = _Reply()
+                inner = Reply()
                 self._produce(inner, batch, *arg)
                 self._write(batch)
                 if await self._commit() and inner.error is None \
@@ -396,8 +529,9 @@ class SessionActor:
 
     # ---------------------------------------------------- idempotent producers
 
-    def _produce(self, reply: _Reply, batch: list[bytes], payloads: list[bytes],
-                 producer: str, epoch: int, seq: int, close: bool) -> None:
+    def _produce(self, reply: Reply, batch: list[bytes], payloads: list[bytes],
+                 producer: str, epoch: int, seq: int, close: bool,
+                 pub: Publish | None = None) -> None:
         """Validate (producer, epoch, seq) and queue the append if it is new.
 
         The answer is a ProduceResult.  An accepted append's last record carries
@@ -435,25 +569,57 @@ class SessionActor:
             return
         self._producers[producer] = (epoch, seq)
         self._producers_changed = True
-        if payloads:
-            stamp = b"\x01" + msgpack.packb([producer, epoch, seq])
-            self._metas[len(batch) + len(payloads) - 1] = stamp
         self._queue(reply, batch, payloads,
-                    ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close))
+                    ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close),
+                    pub, (producer, epoch, seq))
 
-    def _queue(self, reply: _Reply, batch: list[bytes], payloads: Sequence[bytes],
-               result: ProduceResult | None) -> None:
+    def _queue(self, reply: Reply, batch: list[bytes], payloads: Sequence[bytes],
+               result: ProduceResult | None, pub: Publish | None = None,
+               stamp: tuple[str, int, int] | None = None) -> None:
         """Add ``payloads`` to the batch being built; ``reply`` is answered once
-        they are committed (with their offsets, or ``result`` carrying them)."""
+        they are committed (with their offsets, or ``result`` carrying them).
+
+        ``pub`` gives the records' kind and header; ``stamp`` marks the last
+        record as the end of an idempotent producer's append."""
         assert self.log is not None
-        self._pending.append((reply, self.log.next_offset + len(batch), len(payloads), result))
-        self._pending_records += len(payloads)
+        base, n = len(batch), len(payloads)
+        self._pending.append((reply, self.log.next_offset + base, n, result))
+        self._pending_records += n
         batch.extend(payloads)
+        if not n or (pub is None and stamp is None):
+            return
+        publisher = pub.publisher if pub is not None else None
+        metas = pub.metas if pub is not None else None
+        if pub is not None and pub.kind:
+            flags = pub.kind << _core.KIND_SHIFT
+            for i in range(base, base + n):
+                self._flags[i] = flags
+        if metas is None and publisher is not None:
+            shared = record_header(publisher)
+            assert shared is not None
+            for i in range(base, base + n - 1):
+                self._metas[i] = shared
+            header = record_header(publisher, None, stamp)
+        elif metas is not None:
+            for i in range(n - 1):
+                h = record_header(publisher, metas[i])
+                if h is not None:
+                    self._metas[base + i] = h
+            header = record_header(publisher, metas[-1], stamp)
+        else:
+            header = record_header(None, None, stamp)
+        if header is not None:
+            self._metas[base + n - 1] = header
 
     def _producer_snapshot(self, at: int) -> dict[str, Any]:
         self._producers_changed = False
         self._snapshot_at = at
         return {"producers": {"at": at, "state": {k: list(v) for k, v in self._producers.items()}}}
+
+    def _meta_updates_due(self) -> bool:
+        assert self.meta is not None
+        return ((self._seq is not None and self.meta.extra.get("stream_seq") != self._seq)
+                or (self._producers_changed and "producers" not in self.meta.extra))
 
     def _meta_updates(self, next_offset: int) -> dict[str, Any]:
         """What meta.json must learn before this commit's acks go out."""
@@ -480,10 +646,10 @@ class SessionActor:
         self._snapshot_at = offset = max(int(snap["at"]), log.start_offset)
         while offset < log.next_offset:
             batch = log.read(offset, log.next_offset, 1 << 16, 1 << 24)
-            for _, stamp in batch.metas():
-                if stamp[:1] == b"\x01":
-                    producer, epoch, seq = msgpack.unpackb(stamp[1:])
-                    self._producers[producer] = (epoch, seq)
+            for _, header in batch.metas():
+                stamp = header_stamp(header)
+                if stamp is not None:
+                    self._producers[stamp[0]] = (stamp[1], stamp[2])
             offset = batch.next_offset
 
     def _check_append(self, payloads: Sequence[bytes], closed_ok: bool = False) -> None:
@@ -502,9 +668,10 @@ class SessionActor:
         assert self.log is not None
         ts = time.time_ns() // 1000
         try:
-            first = self.log.append(batch, ts, self._metas or None)
+            framed = self.log.append(batch, ts, self._metas or None, self._flags or None)
         except OSError as exc:
             self._metas = {}
+            self._flags = {}
             # Nothing of this batch is acknowledged; fail exactly its appends.
             err = StorageError(f"write failed: {exc}")
             n = len(batch)
@@ -515,9 +682,10 @@ class SessionActor:
                 self._pending_records -= count
             batch.clear()
             return
-        self.ring.extend(first, ts, batch)
+        self.ring.extend_framed(framed)
         batch.clear()
         self._metas = {}
+        self._flags = {}
 
     def _fail_pending(self, error: BaseException) -> None:
         """Fail every append that was written but not acknowledged."""
@@ -532,6 +700,9 @@ class SessionActor:
         Returns False if the disk failed: the waiting appends are failed and
         the actor must stop (a new one recovers the log from what is on disk).
         """
+        if self._inflight is not None:
+            if not await self._finish_sync():
+                return False
         self._group_deadline = math.inf
         log = self.log
         if log is None:
@@ -558,15 +729,23 @@ class SessionActor:
                              self.name, exc)
                 self._fail_pending(StorageError(f"storing session metadata failed: {exc}"))
                 return False
-        if log.next_offset != self.committed:
-            self.committed = log.next_offset
+        self._publish(log.next_offset)
+        return True
+
+    def _publish(self, upto: int) -> None:
+        """Records below ``upto`` are durable: make them visible, ack their appends."""
+        if upto > self.committed:
+            self.committed = upto
             self._wake()
+        done = 0
         for reply, first, count, result in self._pending:
+            if first + count > upto:
+                break
             offsets = range(first, first + count)
             reply.set(offsets if result is None else result.with_offsets(offsets))
-        self._pending.clear()
-        self._pending_records = 0
-        return True
+            self._pending_records -= count
+            done += 1
+        del self._pending[:done]
 
     # ------------------------------------------------------------ lifecycle
 
@@ -600,7 +779,7 @@ class SessionActor:
         if initial:
             self._check_append(initial)
             batch: list[bytes] = []
-            self._queue(_Reply(), batch, initial, None)
+            self._queue(Reply(), batch, initial, None)
             self._write(batch)
             if not await self._commit():
                 raise StorageError("the session's storage failed; retry")

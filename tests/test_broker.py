@@ -317,3 +317,49 @@ async def test_idempotent_producer_dedupes_and_survives_restart(tmp_path: Path) 
         assert (retry.status, retry.closed) == ("duplicate", True)
         assert (await b.produce("s", [b"f"], producer="p", epoch=1, seq=2)).status == "closed"
         assert (await b.read("s")).payloads() == [b"a", b"b", b"c", b"d", b"e"]
+
+
+def _headers(batch: broker._core.Batch) -> list[tuple[int, object]]:
+    import msgpack
+    return [(batch.flags(i) >> broker._core.KIND_SHIFT,
+             msgpack.unpackb(m) if (m := batch.meta(i)) is not None else None)
+            for i in range(len(batch))]
+
+
+async def test_published_headers_survive_ring_disk_and_restart(tmp_path: Path) -> None:
+    want = [(0, ["agent"]), (0, ["agent", {"n": 1}]), (1, ["user", "cancel"]),
+            (0, [None, None, ["p", 0, 0]]), (0, None)]
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s")
+        assert await b.publish("s", [b"a", b"b"], publisher="agent", metas=[None, {"n": 1}]) \
+            == range(0, 2)
+        assert await b.publish("s", [b"stop"], kind=1, publisher="user",
+                               metas=["cancel"]) == range(2, 3)
+        r = await b.publish("s", [b"p"], producer=("p", 0, 0))
+        assert isinstance(r, broker.ProduceResult) and r.offsets == range(3, 4)
+        await b.append("s", b"plain")
+        assert _headers(await b.read("s")) == want          # from the ring
+        with pytest.raises(ValueError):
+            await b.publish("s", [b"x"], kind=64)
+    async with broker.open_broker(tmp_path) as b:
+        assert _headers(await b.read("s")) == want          # from disk
+        dup = await b.publish("s", [b"p"], producer=("p", 0, 0))
+        assert isinstance(dup, broker.ProduceResult) and dup.status == "duplicate"
+
+
+async def test_pipelined_publishes_are_acked_in_order(tmp_path: Path) -> None:
+    async with broker.open_broker(tmp_path, fsync=FsyncPolicy.parse("always")) as b:
+        await b.create("s")
+        acked: list[range] = []
+        done = trio.Event()
+
+        def on_done(reply: broker.Reply) -> None:
+            acked.append(reply.value)
+            if len(acked) == 300:
+                done.set()
+
+        for i in range(300):
+            await b.submit_publish("s", [b"%d" % i] * 3, on_done=on_done)
+        await done.wait()
+        assert acked == [range(3 * i, 3 * i + 3) for i in range(300)]
+        assert b._actors["s"].log.syncs < 300     # type: ignore[union-attr]

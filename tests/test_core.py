@@ -131,3 +131,76 @@ def test_meta_length_past_the_record_is_a_bad_header() -> None:
     data = bytearray(_core.encode(0, 0, [b"abc"], metas={0: b"m"}))
     data[6] = 200                 # meta length now exceeds the record's length
     assert _core.scan(bytes(data), 0, 0) == (0, 0, _core.BAD_HEADER)
+
+
+def test_ring_keeps_meta_and_flags_of_framed_records() -> None:
+    data = _core.encode(3, 9, [b"a", b"bb", b"ccc"], {1: 1 << _core.KIND_SHIFT},
+                        metas={0: b"M0", 2: b"M2"})
+    r = _core.Ring(1 << 10)
+    r.reset(3)
+    r.extend_framed(data)
+    b = r.read(3)
+    assert b is not None
+    assert b.payloads() == [b"a", b"bb", b"ccc"]
+    assert [b.meta(i) for i in range(3)] == [b"M0", None, b"M2"]
+    assert [b.flags(i) >> _core.KIND_SHIFT for i in range(3)] == [0, 1, 0]
+    with pytest.raises(ValueError):
+        r.extend_framed(data)             # offsets 3.. again: not the ring's next
+
+
+def _unframe(frame: bytes) -> dict[str, object]:
+    import msgpack
+    n = frame[1] & 0x7F
+    start = 2 if n < 126 else 4 if n == 126 else 10
+    assert frame[0] == 0x82 and len(frame) - start == (
+        n if n < 126 else int.from_bytes(frame[2:start], "big"))
+    out: dict[str, object] = msgpack.unpackb(frame[start:])
+    return out
+
+
+@pytest.mark.parametrize("kinds,limit,want,next_offset", [
+    (_core.ALL_KINDS, 100, [5, 6, 7], 8),
+    (1 << 0, 100, [5, 7], 8),            # messages only
+    (1 << 1, 100, [6], 8),               # signals only
+    (_core.ALL_KINDS, 2, [5, 6], 7),     # credit cuts the batch
+    (1 << 1, 1, [6], 8),                # a skipped record after the limit still moves the cursor
+    (1 << 2, 100, [], 8),                # nothing matches: no frame, cursor moves on
+])
+def test_pack_data_builds_one_websocket_frame(kinds: int, limit: int, want: list[int],
+                                              next_offset: int) -> None:
+    import msgpack
+    header = msgpack.packb(["alice", {"k": 1}])
+    sizes = [1, 300, 70_000]           # bin8, bin16, bin32 and all three WS length forms
+    data = _core.encode(5, 123, [b"x" * n for n in sizes], {1: 1 << _core.KIND_SHIFT},
+                        metas={0: header})
+    batch, _, _ = _core.decode(data, 0, 5)
+    prefix = b"\x83" + b"".join(msgpack.packb(v) for v in ("t", "data", "s", "chat/1", "r"))
+    frame, count, nxt = _core.pack_data(prefix, batch, kinds, limit)
+    assert (count, nxt) == (len(want), next_offset)
+    if not want:
+        assert frame is None
+        return
+    assert frame is not None
+    body = _unframe(frame)
+    assert body["t"] == "data" and body["s"] == "chat/1"
+    records = body["r"]
+    assert isinstance(records, list)
+    assert [r[0] for r in records] == want
+    for off, ts, kind, head, payload in records:
+        assert ts == 123 and kind == (1 if off == 6 else 0)
+        assert head == (["alice", {"k": 1}] if off == 5 else None)
+        assert payload == b"x" * sizes[off - 5]
+
+
+@given(st.lists(st.tuples(st.binary(max_size=300), st.integers(0, 63)), min_size=1,
+                max_size=40), st.integers(0, 2**40))
+def test_pack_data_matches_msgpack(items: list[tuple[bytes, int]], first: int) -> None:
+    import msgpack
+    payloads = [p for p, _ in items]
+    data = _core.encode(first, 2**45, payloads, {i: k << _core.KIND_SHIFT
+                                                 for i, (_, k) in enumerate(items)})
+    batch, _, _ = _core.decode(data, 0, first)
+    frame, count, _ = _core.pack_data(b"\x81\xa1r", batch)
+    assert frame is not None and count == len(items)
+    assert _unframe(frame)["r"] == [[first + i, 2**45, k, None, p]
+                                    for i, (p, k) in enumerate(items)]
