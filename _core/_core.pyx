@@ -941,3 +941,4 @@ def pack_data(bytes prefix, Batch batch, uint64_t kinds=ALL_KINDS,
         pos += batch._len[i]
     assert pos == size
     return out, count, batch._first_offset + stop
+include "_wsframe.pxi"

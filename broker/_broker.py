@@ -38,7 +38,14 @@ import trio
 
 from . import _core
 from ._config import BrokerConfig
-from ._errors import BrokerClosed, BrokerError, EpochChanged, OffsetOutOfRange, SessionDeleted
+from ._errors import (
+    BrokerClosed,
+    BrokerError,
+    EpochChanged,
+    OffsetOutOfRange,
+    OffsetTooOld,
+    SessionDeleted,
+)
 from ._files import FileCache, write_atomic
 from ._meta import check_name, dir_name
 from ._session import MESSAGE, START, ProduceResult, Publish, Reply, SessionActor, SessionInfo
@@ -251,19 +258,32 @@ class Broker:
     async def subscribe(self, name: str, offset: int = START, *,
                         epoch: int | None = None) -> AsyncIterator[Subscription]:
         """A cursor on the session from ``offset``: see Subscription."""
+        sub = await self.open_subscription(name, offset, epoch=epoch)
+        try:
+            yield sub
+        finally:
+            sub.close()
+
+    async def open_subscription(self, name: str, offset: int = START, *,
+                                epoch: int | None = None,
+                                watch: Callable[[], None] | None = None) -> Subscription:
+        """``subscribe`` for callers that manage the lifetime: call ``close()``.
+
+        ``watch`` is called (on the session's task, so it must not block)
+        whenever the session may have something new for the cursor.
+        """
         actor = await self._live(name)
         actor.touch()
         info = actor.info()
         if epoch is not None and epoch != info.epoch:
             raise EpochChanged(name, epoch, info.epoch)
         start = actor.resolve(offset)
+        log = actor.log
+        if log is not None and start < log.start_offset:
+            raise OffsetTooOld(start, log.start_offset)
         if start > actor.committed:
             raise OffsetOutOfRange(start, actor.committed)
-        sub = Subscription(self, actor, start, info.epoch)
-        try:
-            yield sub
-        finally:
-            sub._release()
+        return Subscription(self, actor, start, info.epoch, watch)
 
     async def follow(self, name: str, offset: int = START) -> AsyncIterator[_core.Batch]:
         """Every batch from ``offset`` on, live; ends when the session is closed."""
@@ -285,30 +305,43 @@ class Subscription:
     yields batches until the session is closed and fully read.
     """
 
-    def __init__(self, broker: Broker, actor: SessionActor, offset: int, epoch: int) -> None:
+    def __init__(self, broker: Broker, actor: SessionActor, offset: int, epoch: int,
+                 watch: Callable[[], None] | None = None) -> None:
         self.name = actor.name
         self.offset = offset            # next offset to read
         self.epoch = epoch              # the incarnation this cursor belongs to
         self._broker = broker
-        self._actor: SessionActor | None = actor
-        actor.readers += 1
+        self._watch = watch
+        self._actor: SessionActor | None = None
+        self._hold(actor)
 
-    def _release(self) -> None:
+    def _hold(self, actor: SessionActor) -> None:
+        actor.readers += 1
+        if self._watch is not None:
+            actor.watchers.add(self._watch)
+        self._actor = actor
+
+    def close(self) -> None:
+        """Let go of the session (its actor may then be reaped when idle)."""
         if self._actor is not None:
             self._actor.readers -= 1
+            if self._watch is not None:
+                self._actor.watchers.discard(self._watch)
             self._actor = None
 
-    async def _live_actor(self) -> SessionActor:
+    async def live_actor(self) -> SessionActor:
+        """The session's actor, starting a new one if the old one exited."""
         actor = self._actor
         if actor is not None and not actor.exited:
             return actor
-        self._release()
+        self.close()
         actor = await self._broker._actor(self.name)
-        actor.readers += 1
-        self._actor = actor
+        self._hold(actor)
         return actor
 
-    def _check(self, actor: SessionActor) -> None:
+    def check(self, actor: SessionActor) -> None:
+        """Raise SessionDeleted or EpochChanged if the session is no longer
+        the one this cursor started on."""
         meta = actor.meta
         if meta is None:
             raise SessionDeleted(self.name)
@@ -331,8 +364,8 @@ class Subscription:
                    wait: bool = True) -> _core.Batch:
         cfg = self._broker.config
         while True:
-            actor = await self._live_actor()
-            self._check(actor)
+            actor = await self.live_actor()
+            self.check(actor)
             actor.touch()
             changed = actor.changed
             batch = actor.read(self.offset, max_records or cfg.max_batch_records,
@@ -347,8 +380,8 @@ class Subscription:
     async def wait(self) -> None:
         """Return once there is something past ``offset`` (or the session was
         closed or deleted), without reading it."""
-        actor = await self._live_actor()
-        self._check(actor)
+        actor = await self.live_actor()
+        self.check(actor)
         if actor.committed > self.offset or self.finished:
             return
         await actor.changed.wait()

@@ -5,7 +5,8 @@ Options come from, in rising precedence: built-in defaults, a TOML config file
 ...), then command-line flags.  README.md ("Configuration") lists them all.
 
 Shutdown: on SIGINT or SIGTERM the listener closes (no new connections), live
-waits (long-polls, SSE) are ended so their clients reconnect elsewhere,
+waits (long-polls, SSE) are ended and WebSockets closed (1001) so their
+clients reconnect elsewhere,
 in-flight requests get up to ``--shutdown-grace-s`` to finish, and then every
 session is synced and the process exits 0.
 """
@@ -29,6 +30,7 @@ from ._broker import open_broker
 from ._config import BrokerConfig, FsyncPolicy
 from ._server import HttpServer
 from ._streams import StreamsApi
+from ._ws import WsConfig, WsServer
 
 log = logging.getLogger("broker")
 
@@ -44,6 +46,8 @@ class ServeOptions:
     shutdown_grace_s: float = 10.0
     segment_bytes: int = 64 * 1024 * 1024
     retention_bytes: int = 0
+    ws_heartbeat_s: float = 25.0
+    ws_max_message: int = 1 << 20
     log_level: str = "INFO"
 
 
@@ -59,6 +63,9 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "segment_bytes": (int, "a segment file rolls before it would pass this size"),
     "retention_bytes": (int, "per session, older whole segments are deleted past this "
                              "size; 0 keeps everything"),
+    "ws_heartbeat_s": (float, "seconds between WebSocket pings; a peer that misses a pong "
+                              "by the next one is dropped"),
+    "ws_max_message": (int, "largest WebSocket message accepted, in bytes"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -106,7 +113,9 @@ async def serve(opts: ServeOptions,
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_broker(opts.data_dir, config) as broker:
             streams = StreamsApi(broker, opts.long_poll_timeout_ms / 1000, opts.sse_max_s)
-            server = HttpServer(broker, streams)
+            ws = WsServer(broker, WsConfig(heartbeat_s=opts.ws_heartbeat_s,
+                                           max_message=opts.ws_max_message))
+            server = HttpServer(broker, streams, ws)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as listening:
                     listeners = await listening.start(functools.partial(
@@ -122,6 +131,7 @@ async def serve(opts: ServeOptions,
                     listening.cancel_scope.cancel()     # stop accepting
                 server.closing = True                   # keep-alive connections close
                 streams.shut_down()                     # end long-polls and SSE now
+                ws.shut_down()                          # WebSockets close with 1001
                 with trio.move_on_after(opts.shutdown_grace_s) as grace:
                     while connections.child_tasks:
                         await trio.sleep(0.05)

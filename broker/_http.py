@@ -1,4 +1,4 @@
-"""The HTTP/1.1 listener (the seed of issue 3's Durable Streams server).
+"""HTTP/1.1 parsing and responses, sans-IO.
 
 Theory of operation
 -------------------
@@ -8,9 +8,9 @@ for the grammar.  The Trio side only moves bytes: one task per connection reads
 64 KiB at a time, feeds the reader, and answers each request in order
 (keep-alive and pipelining work as HTTP/1.1 says).
 
-For now the routes are ``GET /healthz`` (200 once the broker is open) and a
-JSON 404 for everything else; the Durable Streams API at ``/v1/stream/<path>``
-and the WebSocket upgrade at ``/v1/ws`` plug in here.
+A request that asks to switch protocols comes back with ``upgrade`` set, and
+the bytes after it in ``RequestReader.leftover``: the WebSocket side
+(_ws.py) takes the connection from there.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Request:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
     keep_alive: bool = True
+    upgrade: bool = False        # asks to switch protocols (WebSocket); the last request read
 
     def header(self, name: bytes) -> str | None:
         """The first value of header ``name`` (lower case), or None."""
@@ -63,6 +64,7 @@ class RequestReader:
         self._url = bytearray()
         self._header_bytes = 0
         self._ready: list[Request] = []
+        self.leftover = b""      # after an upgrade request: the bytes that followed it
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -111,8 +113,13 @@ class RequestReader:
         """Parse ``data``; return the requests it completed. Raises BadRequest."""
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise BadRequest("upgrade not supported yet") from None
+        except httptools.HttpParserUpgrade as exc:
+            # The parser stops after the request: what follows is the new
+            # protocol's, and this reader is done.
+            if not self._ready:
+                raise BadRequest("incomplete upgrade request") from None
+            self._ready[-1].upgrade = True
+            self.leftover = bytes(data[exc.args[0]:]) if exc.args else b""
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, BadRequest):

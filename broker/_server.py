@@ -10,7 +10,8 @@ response or as a chunked stream (SSE).  Garbage on a connection gets a 400 and
 that connection is closed; no other connection notices.
 
 Routes: ``/healthz``; the Durable Streams API under ``/v1/stream/`` (_streams.py);
-the WebSocket upgrade at ``/v1/ws`` will plug in here.
+the WebSocket upgrade at ``/v1/ws``, after which the connection belongs to
+_ws.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from ._http import (
     error_response,
     response,
 )
+from ._handshake import HandshakeError, server_handshake
 from ._streams import STREAM_PREFIX, StreamsApi
+from ._ws import WS_PATH, WsServer
 
 log = logging.getLogger("broker.http")
 
@@ -38,9 +41,11 @@ log = logging.getLogger("broker.http")
 class HttpServer:
     """Routes requests: /healthz, and the Durable Streams API under /v1/stream/."""
 
-    def __init__(self, broker: Broker, streams: StreamsApi | None = None) -> None:
+    def __init__(self, broker: Broker, streams: StreamsApi | None = None,
+                 ws: WsServer | None = None) -> None:
         self.broker = broker
         self.streams = streams or StreamsApi(broker)
+        self.ws = ws or WsServer(broker)
         self.closing = False          # set on shutdown: finish the current request, then close
 
     async def handle(self, req: Request, out: Responder) -> None:
@@ -72,6 +77,9 @@ class HttpServer:
                         await stream.send_all(error_response(exc))
                         return
                     for req in requests:
+                        if req.upgrade and req.target.split("?", 1)[0] == WS_PATH:
+                            await self._upgrade(stream, req, reader.leftover)
+                            return
                         out = Responder(stream, req.method)
                         try:
                             await self.handle(req, out)
@@ -82,9 +90,22 @@ class HttpServer:
                             if not out.sent:
                                 await stream.send_all(error(500, "internal", "internal error"))
                             return
-                        if not req.keep_alive or self.closing:
+                        if not req.keep_alive or self.closing or req.upgrade:
                             return      # shutting down: no more requests on this one
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
 
+
+    async def _upgrade(self, stream: trio.SocketStream, req: Request, leftover: bytes) -> None:
+        try:
+            accepted = server_handshake(req.method, req.headers)
+        except HandshakeError as exc:
+            await stream.send_all(error(exc.status, exc.code, exc.message,
+                                        headers=list(exc.headers)))
+            return
+        if self.closing:
+            await stream.send_all(error(503, "unavailable", "the server is shutting down"))
+            return
+        await stream.send_all(accepted)
+        await self.ws.serve(stream, leftover)

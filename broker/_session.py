@@ -199,6 +199,9 @@ class SessionActor:
         self.committed = 0                    # records below this are durable and readable
         self.changed = trio.Event()           # set when committed, closed or existence changes
         self.readers = 0                      # open subscriptions; keeps the actor alive
+        # Called (on the actor's task; they must not block) whenever ``changed``
+        # is set: how a connection serving many sessions learns which to read.
+        self.watchers: set[Callable[[], None]] = set()
         # Last use, for the sliding TTL.  Kept in memory only: a restart counts as
         # a use, so it can lengthen a session's life but never cut it short.
         self.last_access = time.time()
@@ -342,6 +345,8 @@ class SessionActor:
     def _wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        for watcher in list(self.watchers):
+            watcher()
 
     def _idle(self) -> bool:
         return (self.readers == 0 and not self._pending

@@ -1,0 +1,555 @@
+"""WebSocket sessions at /v1/ws: the fast path (docs/protocol.md, "WebSocket protocol").
+
+Theory of operation
+-------------------
+After the HTTP upgrade (_handshake.py) a connection is two tasks in one
+nursery, and never a queue of messages:
+
+* The **reader** reads 64 KiB at a time and feeds the compiled ``FrameParser``
+  (_core), which unmasks and returns every complete WebSocket message in the
+  chunk.  Each message is decoded into a frame (_frames.py) and handled at
+  once.  A ``publish`` is handed to the session's actor with
+  ``submit_publish`` and the reader goes on: the actor answers through a
+  callback that queues the ``ack``, so publishes are pipelined and the only
+  wait is a full mailbox (the publisher's backpressure).
+
+* The **writer** owns the socket's sending side.  It sleeps on one event; it
+  is woken by queued control frames (acks, answers, errors) and by the session
+  actors, which call each subscription's watcher when records become durable.
+  Each round it takes the queued frames, then one batch for each subscription
+  that is ready, and sends all of it with one ``send_all``.  A peer that does
+  not read blocks only its own writer, so the writer stops reading that
+  connection's cursors: nothing is buffered beyond one round (at most about
+  ``max_round_bytes``), and nobody else slows down.
+
+A **subscription** is a broker cursor (an offset, see _broker.Subscription),
+a kind filter, a credit, and nothing else.  Its data frames are built by
+``_core.pack_data`` from a Batch straight into WebSocket frame bytes.  Server
+frames are unmasked, so a frame is the same bytes for every subscriber of the
+session at the same offset: each session keeps a small cache of recent frames
+keyed by (epoch, offset, kinds), and the subscribers at the tail, which all
+wake at the same offset after a commit, share one frame.  A subscriber that
+lags reads bigger batches, from the ring or from disk, and builds its own.
+
+Heartbeats: the writer sends a ``ping`` every ``heartbeat_s`` and closes the
+connection (4008) if the previous ping has not been answered by then.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import trio
+
+from . import _core, _frames
+from ._broker import Broker, Subscription
+from ._errors import (
+    BrokerError,
+    EpochChanged,
+    OffsetTooOld,
+    SessionDeleted,
+    SessionNotFound,
+)
+from ._meta import media_type
+from ._session import SIGNAL, ProduceResult, Reply
+
+log = logging.getLogger("broker.ws")
+
+WS_PATH = "/v1/ws"
+
+
+@dataclass(frozen=True, slots=True)
+class WsConfig:
+    heartbeat_s: float = 25.0            # between the server's pings
+    max_message: int = 1 << 20           # largest WebSocket message accepted (1009 beyond)
+    max_publish_records: int = 10_000    # records in one publish
+    max_round_bytes: int = 1 << 20       # data gathered for one send, across subscriptions
+    close_timeout_s: float = 5.0         # how long the closing handshake may take
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.max_message < 1024 or self.max_publish_records < 1:
+            raise ValueError("heartbeat_s must be positive, max_message at least 1 KiB, "
+                             "max_publish_records at least 1")
+
+
+_CACHE_ENTRIES = 32                 # frames kept per session
+_CACHE_MAX_FRAME = 256 * 1024       # bigger frames are catch-up, rarely shared
+
+
+class _Fanout:
+    """Data frames shared by the subscribers of one session on this server."""
+
+    __slots__ = ("prefix", "frames", "users")
+
+    def __init__(self, name: str) -> None:
+        # The start of every data frame's msgpack map: {"t": "data", "s": name, "r": ...}
+        self.prefix = (b"\x83" + msgpack.packb("t") + msgpack.packb("data") + msgpack.packb("s")
+                       + msgpack.packb(name) + msgpack.packb("r"))
+        # (epoch, offset, kinds mask) -> (frame or None, records, next offset)
+        self.frames: dict[tuple[int, int, int], tuple[bytes | None, int, int]] = {}
+        self.users = 0
+
+    def put(self, key: tuple[int, int, int], value: tuple[bytes | None, int, int]) -> None:
+        frames = self.frames
+        frames[key] = value
+        if len(frames) > _CACHE_ENTRIES:
+            del frames[next(iter(frames))]          # the oldest entry
+
+
+class _Sub:
+    """One attached session on one connection."""
+
+    __slots__ = ("name", "cursor", "mask", "credit", "behind", "fanout", "conn")
+
+    def __init__(self, conn: _Conn, name: str, mask: int, credit: int | None,
+                 fanout: _Fanout) -> None:
+        self.conn = conn
+        self.name = name
+        self.cursor: Subscription | None = None
+        self.mask = mask                  # bit k set: records of kind k are sent
+        self.credit = credit              # records the client lets us send; None: no limit
+        self.behind = True                # up_to_date is due when the tail is reached
+        self.fanout = fanout
+
+    def mark(self) -> None:
+        """The session has news: the writer should look at this subscription."""
+        conn = self.conn
+        conn.ready[self] = None
+        conn.wake.set()
+
+
+class WsServer:
+    """Serves upgraded connections on /v1/ws."""
+
+    def __init__(self, broker: Broker, config: WsConfig | None = None) -> None:
+        self.broker = broker
+        self.config = config or WsConfig()
+        self._fanouts: dict[str, _Fanout] = {}
+        self._conns: set[_Conn] = set()
+        self._tag = secrets.token_hex(3)
+        self._ids = itertools.count(1)
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def serve(self, stream: trio.abc.Stream, leftover: bytes) -> None:
+        """Run one connection after its 101 response was sent."""
+        conn = _Conn(self, stream, f"{self._tag}-{next(self._ids)}")
+        self._conns.add(conn)
+        try:
+            await conn.run(leftover)
+        finally:
+            self._conns.discard(conn)
+            conn.release()
+
+    def shut_down(self) -> None:
+        """Close every connection with 1001 (the clients reconnect elsewhere)."""
+        for conn in list(self._conns):
+            conn.close(1001, "server shutting down")
+
+    def _fanout(self, name: str) -> _Fanout:
+        fan = self._fanouts.get(name)
+        if fan is None:
+            fan = self._fanouts[name] = _Fanout(name)
+        fan.users += 1
+        return fan
+
+    def _unfan(self, name: str) -> None:
+        fan = self._fanouts.get(name)
+        if fan is not None:
+            fan.users -= 1
+            if fan.users <= 0:
+                del self._fanouts[name]
+
+
+def _binary(body: bytes) -> bytes:
+    return _core.frame_header(_core.OP_BINARY, len(body)) + body
+
+
+def _frame(frame: _frames.Frame) -> bytes:
+    return _binary(_frames.encode(frame))
+
+
+def _ack_frame(request_id: int, session: str, reply: Reply) -> bytes:
+    """The answer to a publish, from the actor's reply."""
+    err = reply.error
+    if err is not None:
+        if isinstance(err, trio.ClosedResourceError):
+            return _frame(_frames.Error("unavailable", "the session was restarting; retry",
+                                        session, request_id))
+        code = err.code if isinstance(err, BrokerError) else "internal"
+        return _frame(_frames.Error(code, str(err), session, request_id))
+    value = reply.value
+    if isinstance(value, range):
+        return _frame(_frames.Ack(request_id, session, value.start, len(value)))
+    assert isinstance(value, ProduceResult)
+    if value.status == "accepted":
+        assert value.offsets is not None
+        return _frame(_frames.Ack(request_id, session, value.offsets.start, len(value.offsets)))
+    if value.status == "duplicate":
+        return _frame(_frames.Ack(request_id, session, dup=True))
+    code, message = {
+        "stale_epoch": ("stale_producer_epoch", f"the producer is at epoch {value.epoch}"),
+        "invalid_epoch_seq": ("invalid_epoch_seq", "a new producer epoch must start at seq 0"),
+        "sequence_gap": ("producer_sequence_gap",
+                         f"expected seq {value.expected_seq}, got {value.received_seq}"),
+        "closed": ("session_closed", f"session {session!r} is closed to appends"),
+    }[value.status]
+    return _frame(_frames.Error(code, message, session, request_id))
+
+
+class _Conn:
+    def __init__(self, server: WsServer, stream: trio.abc.Stream, conn_id: str) -> None:
+        self.server = server
+        self.broker = server.broker
+        self.cfg = server.config
+        self.stream = stream
+        self.id = conn_id
+        self.parser = _core.FrameParser(False, self.cfg.max_message)
+        self.out: list[bytes] = []               # frames queued for the next round
+        self.wake = trio.Event()                 # set when there is something to send
+        self.ready: dict[_Sub, None] = {}        # subscriptions to look at, in order
+        self.subs: dict[str, _Sub] = {}
+        self.client: str | None = None           # set by hello
+        self.awaiting_pong = False
+        self.ping_ids = itertools.count(1)
+        self.closing: tuple[int, str] | None = None
+        self._cancel: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, data: bytes) -> None:
+        self.out.append(data)
+        self.wake.set()
+
+    def error(self, code: str, message: str, session: str | None = None,
+              request_id: int | None = None) -> None:
+        self.send(_frame(_frames.Error(code, message, session, request_id)))
+
+    def close(self, code: int, reason: str) -> None:
+        """Send what is queued, then a close frame, then end the connection."""
+        if self.closing is None:
+            self.closing = (code, reason)
+            self.wake.set()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, leftover: bytes) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._write_loop)
+                await self._read_loop(leftover)
+                if self.closing is None:
+                    nursery.cancel_scope.cancel()       # the peer went away
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await self.stream.aclose()
+
+    def release(self) -> None:
+        for sub in list(self.subs.values()):
+            self._end(sub)
+
+    async def _read_loop(self, data: bytes | bytearray) -> None:
+        parser = self.parser
+        while True:
+            if data:
+                for op, payload in parser.feed(data):
+                    if self.closing is not None:
+                        return
+                    if op == _core.OP_BINARY:
+                        await self._on_message(payload)
+                    elif op == _core.OP_PING:
+                        self.send(_core.build_frame(_core.OP_PONG, payload))
+                    elif op == _core.OP_CLOSE:
+                        try:
+                            code, _ = _core.parse_close(payload)
+                        except _core.WsProtocolError as exc:
+                            self.close(exc.code, exc.reason)
+                            return
+                        self.close(1000 if code == 1005 else code, "")
+                        return
+                    elif op == _core.OP_TEXT:
+                        self.close(1003, "frames are binary msgpack")
+                        return
+                if parser.error is not None:
+                    self.close(parser.error.code, parser.error.reason)
+                    return
+                if self.closing is not None:
+                    return
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+
+    async def _write_loop(self) -> None:
+        interval = self.cfg.heartbeat_s
+        next_ping = trio.current_time() + interval
+        while True:
+            with trio.move_on_at(next_ping):
+                await self.wake.wait()
+            if trio.current_time() >= next_ping:
+                if self.awaiting_pong:
+                    self.closing = (4008, "heartbeat timeout: no pong")
+                else:
+                    self.awaiting_pong = True
+                    self.out.append(_frame(_frames.Ping(next(self.ping_ids))))
+                next_ping = trio.current_time() + interval
+            self.wake = trio.Event()
+            chunks, self.out = self.out, []
+            budget = self.cfg.max_round_bytes
+            while self.ready and budget > 0 and self.closing is None:
+                sub = next(iter(self.ready))
+                del self.ready[sub]
+                budget -= await self._pump(sub, chunks)
+            if self.ready:
+                self.wake.set()                          # more next round
+            if chunks:
+                await self.stream.send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            if self.closing is not None:
+                await self._send_close(*self.closing)
+                return
+
+    async def _send_close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(self.cfg.close_timeout_s):
+            rest = b"".join(self.out)
+            self.out = []
+            await self.stream.send_all(
+                rest + _core.build_frame(_core.OP_CLOSE, _core.close_payload(code, reason)))
+        assert self._cancel is not None
+        self._cancel.cancel()
+
+    # ------------------------------------------------------------ reading cursors
+
+    async def _pump(self, sub: _Sub, chunks: list[bytes]) -> int:
+        """Add the next batch of ``sub`` to ``chunks``; return the bytes added."""
+        cursor = sub.cursor
+        if cursor is None or self.subs.get(sub.name) is not sub:
+            return 0                    # detached meanwhile
+        try:
+            actor = await cursor.live_actor()
+            cursor.check(actor)
+        except SessionDeleted:
+            return self._event(sub, chunks, "deleted")
+        except EpochChanged as exc:
+            return self._event(sub, chunks, "epoch_changed", exc.actual)
+        except BrokerError as exc:
+            chunks.append(_frame(_frames.Error(exc.code, str(exc), sub.name)))
+            self._end(sub)
+            return 0
+        committed = actor.committed
+        offset = cursor.offset
+        added = 0
+        if offset < committed:
+            credit = sub.credit
+            if credit == 0:
+                return 0                # a credit frame marks it ready again
+            cfg = self.broker.config
+            limit = cfg.max_batch_records if credit is None else min(credit,
+                                                                     cfg.max_batch_records)
+            key = (cursor.epoch, offset, sub.mask)
+            fan = sub.fanout
+            hit = fan.frames.get(key)
+            if hit is not None and hit[1] <= limit:
+                frame, count, nxt = hit
+            else:
+                try:
+                    batch = actor.read(offset, cfg.max_batch_records, cfg.max_batch_bytes)
+                except OffsetTooOld as exc:
+                    chunks.append(_frame(_frames.Error(exc.code, str(exc), sub.name)))
+                    self._end(sub)
+                    return 0
+                frame, count, nxt = _core.pack_data(fan.prefix, batch, sub.mask, limit)
+                if limit == cfg.max_batch_records and (frame is None
+                                                       or len(frame) <= _CACHE_MAX_FRAME):
+                    fan.put(key, (frame, count, nxt))
+            cursor.offset = nxt
+            if credit is not None:
+                sub.credit = credit - count
+            if frame is not None:
+                chunks.append(frame)
+                added = len(frame)
+            if nxt < committed:
+                sub.behind = True
+                self.ready[sub] = None
+                return added
+        if sub.behind:
+            sub.behind = False
+            chunks.append(_frame(_frames.UpToDate(sub.name, cursor.offset)))
+        meta = actor.meta
+        if meta is not None and meta.closed and cursor.offset >= actor.committed:
+            return added + self._event(sub, chunks, "closed")
+        return added
+
+    def _event(self, sub: _Sub, chunks: list[bytes], event: str,
+               epoch: int | None = None) -> int:
+        frame = _frame(_frames.Event(sub.name, event, epoch))
+        chunks.append(frame)
+        self._end(sub)
+        return len(frame)
+
+    def _end(self, sub: _Sub) -> None:
+        if self.subs.get(sub.name) is sub:
+            del self.subs[sub.name]
+            self.server._unfan(sub.name)
+        self.ready.pop(sub, None)
+        if sub.cursor is not None:
+            sub.cursor.close()
+            sub.cursor = None
+
+    # ------------------------------------------------------------ frames in
+
+    async def _on_message(self, payload: bytes) -> None:
+        try:
+            frame = _frames.decode(payload)
+        except _frames.FrameError as exc:
+            self.error(exc.code, exc.message, exc.session, exc.request_id)
+            return
+        if self.client is None:
+            if isinstance(frame, _frames.Hello):
+                self._hello(frame)
+            else:
+                self.error("hello_required", "the first frame must be hello")
+                self.close(4000, "hello required")
+            return
+        handler = self._handlers.get(type(frame))
+        if handler is None:
+            self.error("bad_frame", f"a client cannot send {type(frame).__name__.lower()}")
+            return
+        await handler(self, frame)
+
+    def _hello(self, frame: _frames.Hello) -> None:
+        self.client = frame.client or f"anon-{self.id}"
+        self.send(_frame(_frames.Welcome(1, self.client, self.id, self.cfg.heartbeat_s,
+                                         self.cfg.max_message)))
+
+    async def _on_hello(self, frame: _frames.Hello) -> None:
+        self.error("bad_frame", "hello was already sent")
+        self.close(4000, "hello repeated")
+
+    async def _on_attach(self, frame: _frames.Attach) -> None:
+        name = frame.session
+        if name in self.subs:
+            self.error("already_attached", f"already attached to {name!r}", name, frame.id)
+            return
+        mask = _core.ALL_KINDS if frame.kinds is None else sum(1 << k for k in set(frame.kinds))
+        sub = _Sub(self, name, mask, frame.credit, self.server._fanout(name))
+        self.subs[name] = sub
+        try:
+            try:
+                cursor = await self.broker.open_subscription(
+                    name, frame.offset, epoch=frame.epoch, watch=sub.mark)
+            except SessionNotFound:
+                if frame.epoch is not None:
+                    self._event(sub, self.out, "deleted")
+                    self.wake.set()
+                    return
+                if not frame.create:
+                    raise
+                await self.broker.create(name)
+                cursor = await self.broker.open_subscription(name, frame.offset,
+                                                             watch=sub.mark)
+        except EpochChanged as exc:
+            self._event(sub, self.out, "epoch_changed", exc.actual)
+            self.wake.set()
+            return
+        except BrokerError as exc:
+            self._end(sub)
+            self.error(exc.code, str(exc), name, frame.id)
+            return
+        if self.subs.get(name) is not sub:
+            cursor.close()          # the connection ended meanwhile
+            return
+        sub.cursor = cursor
+        actor = await cursor.live_actor()
+        meta = actor.meta
+        self.send(_frame(_frames.Attached(frame.id, name, cursor.epoch, cursor.offset,
+                                          actor.committed,
+                                          bool(meta is not None and meta.closed))))
+        sub.mark()
+
+    async def _on_detach(self, frame: _frames.Detach) -> None:
+        sub = self.subs.get(frame.session)
+        if sub is None:
+            self.error("not_attached", f"not attached to {frame.session!r}", frame.session,
+                       frame.id)
+            return
+        self._end(sub)
+        self.send(_frame(_frames.Detached(frame.id, frame.session)))
+
+    async def _on_credit(self, frame: _frames.Credit) -> None:
+        sub = self.subs.get(frame.session)
+        if sub is None:
+            self.error("not_attached", f"not attached to {frame.session!r}", frame.session)
+            return
+        if sub.credit is not None:
+            sub.credit += frame.n
+            sub.mark()
+
+    async def _on_publish(self, frame: _frames.Publish) -> None:
+        metas = frame.meta
+        producer = frame.producer
+        await self._publish(frame.id, frame.session, frame.records, frame.kind, metas,
+                            None if producer is None
+                            else (producer.id, producer.epoch, producer.seq),
+                            frame.create)
+
+    async def _on_signal(self, frame: _frames.Signal) -> None:
+        await self._publish(frame.id, frame.session, (frame.payload,), SIGNAL,
+                            None if frame.meta is None else (frame.meta,), None, False)
+
+    async def _publish(self, request_id: int, name: str, records: tuple[bytes, ...],
+                       kind: int, metas: tuple[Any, ...] | None,
+                       producer: tuple[str, int, int] | None, create: bool) -> None:
+        if len(records) > self.cfg.max_publish_records:
+            self.error("batch_too_large", f"at most {self.cfg.max_publish_records} records "
+                       "per publish", name, request_id)
+            return
+        try:
+            try:
+                info = await self.broker.info(name)
+            except SessionNotFound:
+                if not create:
+                    raise
+                info, _ = await self.broker.create(name)
+            if media_type(info.content_type) == "application/json":
+                for p in records:
+                    try:
+                        json.loads(p)
+                    except ValueError:
+                        self.error("bad_payload", "this session holds JSON: every payload "
+                                   "must be one JSON value in UTF-8", name, request_id)
+                        return
+            on_done: Callable[[Reply], None] = (
+                lambda reply: self.send(_ack_frame(request_id, name, reply)))
+            await self.broker.submit_publish(name, records, kind=kind, publisher=self.client,
+                                             metas=metas, producer=producer, on_done=on_done)
+        except BrokerError as exc:
+            self.error(exc.code, str(exc), name, request_id)
+
+    async def _on_ping(self, frame: _frames.Ping) -> None:
+        self.send(_frame(_frames.Pong(frame.id)))
+
+    async def _on_pong(self, frame: _frames.Pong) -> None:
+        self.awaiting_pong = False
+
+    _handlers: dict[type, Callable[[_Conn, Any], Any]] = {
+        _frames.Hello: _on_hello,
+        _frames.Attach: _on_attach,
+        _frames.Detach: _on_detach,
+        _frames.Credit: _on_credit,
+        _frames.Publish: _on_publish,
+        _frames.Signal: _on_signal,
+        _frames.Ping: _on_ping,
+        _frames.Pong: _on_pong,
+    }

@@ -1,0 +1,254 @@
+"""A Python client for the WebSocket protocol (docs/protocol.md), on Trio.
+
+This is the protocol's thin client: one connection, requests answered by id,
+and each attached session's frames delivered in order.  It does not reconnect
+by itself; it keeps what a caller needs to resume (``Subscription.offset`` and
+``epoch``), and ``attach`` takes them back.
+
+    async with broker.client.connect("ws://127.0.0.1:4437/v1/ws", client="agent") as c:
+        ack = await c.publish("chat/1", [b"hello"], create=True)
+        sub = await c.attach("chat/1", offset=-1)
+        async for record in sub:
+            print(record.offset, record.payload)
+
+Theory of operation: one task reads the socket and decodes frames (_frames);
+answers (``attached``, ``ack``, ``detached`` and errors carrying an ``id``)
+complete the request that is waiting for that id; ``data``, ``up_to_date``
+and ``event`` frames go to the session's Subscription, which a caller iterates;
+the server's ``ping`` is answered at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio_websocket
+
+from . import _frames
+from ._frames import Ack, Attached, Data, Event, Record, UpToDate
+from ._handshake import SUBPROTOCOL
+
+__all__ = ["Client", "ClientError", "Record", "Subscription", "connect"]
+
+
+class ClientError(Exception):
+    """The server answered a request with an error frame."""
+
+    def __init__(self, code: str, message: str, session: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.session = session
+
+
+class SessionEnded(ClientError):
+    """The subscription ended with an event: ``closed``, ``deleted`` or
+    ``epoch_changed`` (then ``epoch`` is the new one, and the caller must reset)."""
+
+    def __init__(self, session: str, event: str, epoch: int | None) -> None:
+        super().__init__(event, f"session {session!r}: {event}", session)
+        self.event = event
+        self.epoch = epoch
+
+
+class Subscription:
+    """An attached session.  Iterate it for records; ``offset`` is where a
+    resume would start (the offset after the last record or up_to_date)."""
+
+    def __init__(self, client: Client, attached: Attached) -> None:
+        self.client = client
+        self.session = attached.session
+        self.epoch = attached.epoch
+        self.offset = attached.offset
+        self.up_to_date = False
+        self.ended: SessionEnded | ClientError | None = None
+        self._send, self._recv = trio.open_memory_channel[_frames.Frame](math.inf)
+
+    def _deliver(self, frame: _frames.Frame) -> None:
+        self._send.send_nowait(frame)
+
+    async def next_frame(self) -> _frames.Frame:
+        """The next data, up_to_date, event or error frame for this session."""
+        frame = await self._recv.receive()
+        if isinstance(frame, Data):
+            self.offset = frame.records[-1].offset + 1
+        elif isinstance(frame, UpToDate):
+            self.offset = frame.next
+            self.up_to_date = True
+        return frame
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return self._records()
+
+    async def _records(self) -> AsyncIterator[Record]:
+        while True:
+            frame = await self.next_frame()
+            if isinstance(frame, Data):
+                for record in frame.records:
+                    yield record
+            elif isinstance(frame, Event):
+                self.ended = SessionEnded(self.session, frame.event, frame.epoch)
+                if frame.event == "closed":
+                    return
+                raise self.ended
+            elif isinstance(frame, _frames.Error):
+                self.ended = ClientError(frame.code, frame.message, self.session)
+                raise self.ended
+
+    async def credit(self, n: int) -> None:
+        await self.client.send(_frames.Credit(self.session, n))
+
+    async def detach(self) -> None:
+        await self.client._request(_frames.Detach(self.client._next_id(), self.session))
+        self.client._subs.pop(self.session, None)
+
+
+class Client:
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self.welcome: _frames.Welcome | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[_frames.Frame]]] = {}
+        self._subs: dict[str, Subscription | _Pending] = {}
+        self._welcomed = trio.Event()
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    async def send(self, frame: _frames.Frame) -> None:
+        """Send any frame as it is (no answer awaited)."""
+        await self.ws.send_message(_frames.encode(frame))
+
+    async def _request(self, frame: Any) -> _frames.Frame:
+        done = trio.Event()
+        slot: list[_frames.Frame] = []
+        self._waiting[frame.id] = (done, slot)
+        await self.send(frame)
+        await done.wait()
+        answer = slot[0]
+        if isinstance(answer, _frames.Error):
+            raise ClientError(answer.code, answer.message, answer.session)
+        return answer
+
+    async def publish(self, session: str, payloads: Sequence[bytes], *, kind: int = 0,
+                      meta: Sequence[Any] | None = None, producer: tuple[str, int, int] | None = None,
+                      create: bool = False) -> Ack:
+        """Append records and wait until they are durable; returns the ack."""
+        answer = await self._request(_frames.Publish(
+            self._next_id(), session, tuple(payloads), kind,
+            None if meta is None else tuple(meta),
+            None if producer is None else _frames.Producer(*producer), create))
+        assert isinstance(answer, Ack)
+        return answer
+
+    async def signal(self, session: str, payload: bytes, meta: Any = None) -> Ack:
+        answer = await self._request(_frames.Signal(self._next_id(), session, payload, meta))
+        assert isinstance(answer, Ack)
+        return answer
+
+    async def attach(self, session: str, offset: int | str = "now", *, epoch: int | None = None,
+                     kinds: Sequence[int] | None = None, credit: int | None = None,
+                     create: bool = False) -> Subscription:
+        """Attach from ``offset`` (an int, "-1", "now" or an HTTP offset).
+
+        Raises SessionEnded if the session is gone or its epoch is not
+        ``epoch``, and ClientError for other refusals."""
+        request_id = self._next_id()
+        frame = _frames.Attach(request_id, session, _frames.parse_offset(offset), epoch,
+                               None if kinds is None else tuple(kinds), credit, create)
+        done = trio.Event()
+        slot: list[_frames.Frame] = []
+        self._waiting[request_id] = (done, slot)
+        pending = _Pending(session)
+        self._subs[session] = pending       # catches an event that answers instead
+        await self.send(frame)
+        await done.wait()
+        answer = slot[0]
+        if isinstance(answer, _frames.Error):
+            self._subs.pop(session, None)
+            raise ClientError(answer.code, answer.message, answer.session)
+        if isinstance(answer, Event):
+            self._subs.pop(session, None)
+            raise SessionEnded(session, answer.event, answer.epoch)
+        assert isinstance(answer, Attached)
+        sub = Subscription(self, answer)
+        for early in pending.frames:
+            sub._deliver(early)
+        self._subs[session] = sub
+        return sub
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                break
+            frame = _frames.decode(message if isinstance(message, bytes) else message.encode())
+            self._dispatch(frame)
+        for done, slot in self._waiting.values():
+            slot.append(_frames.Error("connection_closed", "the connection closed"))
+            done.set()
+        self._waiting.clear()
+        for sub in self._subs.values():
+            sub._deliver(_frames.Error("connection_closed", "the connection closed"))
+
+    def _dispatch(self, frame: _frames.Frame) -> None:
+        if isinstance(frame, _frames.Welcome):
+            self.welcome = frame
+            self._welcomed.set()
+            return
+        if isinstance(frame, _frames.Ping):
+            self.ws._nursery.start_soon(self.send, _frames.Pong(frame.id))  # type: ignore[attr-defined]
+            return
+        request_id = getattr(frame, "id", None)
+        session = getattr(frame, "session", None)
+        if isinstance(frame, Event) and session in self._subs \
+                and isinstance(self._subs[session], _Pending):
+            # An attach answered with an event instead of attached.
+            for rid, (done, slot) in list(self._waiting.items()):
+                slot.append(frame)
+                del self._waiting[rid]
+                done.set()
+                break
+            return
+        if request_id is not None and request_id in self._waiting \
+                and not isinstance(frame, _frames.Pong):
+            done, slot = self._waiting.pop(request_id)
+            slot.append(frame)
+            done.set()
+            return
+        if session is not None and session in self._subs:
+            self._subs[session]._deliver(frame)
+
+
+class _Pending:
+    """Frames that arrive for a session between attach and attached."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.frames: list[_frames.Frame] = []
+
+    def _deliver(self, frame: _frames.Frame) -> None:
+        self.frames.append(frame)
+
+
+@asynccontextmanager
+async def connect(url: str, *, client: str | None = None,
+                  token: str | None = None) -> AsyncIterator[Client]:
+    """Open a connection, say hello, and yield the Client."""
+    async with trio_websocket.open_websocket_url(url, subprotocols=[SUBPROTOCOL],
+                                                 message_queue_size=1024) as ws:
+        c = Client(ws)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c._reader)
+            await c.send(_frames.Hello(client, token))
+            await c._welcomed.wait()
+            try:
+                yield c
+            finally:
+                nursery.cancel_scope.cancel()
