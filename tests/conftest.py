@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 import broker
+from broker._server import HttpServer
+from broker._ws import WsConfig, WsServer
 
 
 @pytest.fixture
@@ -14,3 +20,33 @@ async def b(tmp_path: Path) -> AsyncIterator[broker.Broker]:
     async with broker.open_broker(tmp_path / "data", segment_bytes=4096,
                                   ring_bytes=2048) as br:
         yield br
+
+
+class Served:
+    """A broker and its HTTP/WebSocket server in the test's own Trio run, on
+    127.0.0.1 with a random port; clients reach it over real sockets."""
+
+    def __init__(self, broker_: broker.Broker, server: HttpServer, port: int) -> None:
+        self.broker = broker_
+        self.server = server
+        self.port = port
+        self.ws_url = f"ws://127.0.0.1:{port}/v1/ws"
+        self.http_url = f"http://127.0.0.1:{port}"
+
+
+@asynccontextmanager
+async def serve_in_process(data_dir: Path, ws: WsConfig | None = None,
+                           **config: Any) -> AsyncIterator[Served]:
+    async with broker.open_broker(data_dir, **config) as br:
+        server = HttpServer(br, ws=WsServer(br, ws))
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(
+                trio.serve_tcp, server.serve_connection, 0, host="127.0.0.1"))
+            yield Served(br, server, listeners[0].socket.getsockname()[1])
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with serve_in_process(tmp_path / "data") as s:
+        yield s

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from broker._http import BadRequest, RequestReader
 
@@ -103,4 +104,19 @@ def test_shutdown_ends_a_waiting_long_poll(server: tuple[subprocess.Popen[str], 
         proc.send_signal(signal.SIGTERM)        # the long-poll would wait 30 s
         answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 204 ")
+    assert proc.wait(timeout=30) == 0
+
+
+async def test_shutdown_closes_websockets_with_1001(
+        server: tuple[subprocess.Popen[str], int]) -> None:
+    from _wsraw import RawWs
+
+    proc, port = server
+    ws = await RawWs.connect(port)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await ws.close_code() == 1001
+    finally:
+        await ws.aclose()
     assert proc.wait(timeout=30) == 0
