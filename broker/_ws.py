@@ -81,6 +81,7 @@ class WsConfig:
 
 _CACHE_ENTRIES = 32                 # frames kept per session
 _CACHE_MAX_FRAME = 256 * 1024       # bigger frames are catch-up, rarely shared
+_SCAN_COST = 16 * 1024              # what a read that sends nothing counts against a round
 
 
 class _Fanout:
@@ -374,8 +375,12 @@ class _Conn:
                                                        or len(frame) <= _CACHE_MAX_FRAME):
                     fan.put(key, (frame, count, nxt))
             cursor.offset = nxt
+            actor.touch()                       # a reader's use keeps a sliding TTL alive
             if credit is not None:
                 sub.credit = credit - count
+            # A read that matched nothing (a kind filter skipping a backlog)
+            # still costs: charge it, so one round cannot scan without end.
+            added = _SCAN_COST
             if frame is not None:
                 chunks.append(frame)
                 added = len(frame)
