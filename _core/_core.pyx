@@ -775,6 +775,10 @@ def decode(bytes buffer, Py_ssize_t pos, int64_t from_offset, int64_t upto_offse
     return b, pos, status
 
 
+# The RFC 6455 framing (FrameParser, build_frame, ...) lives in its own file.
+include "_wsframe.pxi"
+
+
 # ------------------------------------------------ WebSocket data frames (msgpack)
 #
 # The server's fan-out sends the same records to many subscribers.  pack_data
@@ -800,33 +804,31 @@ cdef inline Py_ssize_t _mp_uint_size(int64_t v) noexcept nogil:
         return 5
     return 9
 
-cdef inline Py_ssize_t _mp_put_int(unsigned char* p, int64_t v) noexcept nogil:
-    cdef uint64_t u = <uint64_t>v
+cdef inline Py_ssize_t _put_be(unsigned char* p, uint64_t v, int nbytes) noexcept nogil:
+    # Big-endian, as msgpack wants; returns nbytes.
     cdef int i
+    for i in range(nbytes):
+        p[i] = <unsigned char>(v >> (8 * (nbytes - 1 - i)))
+    return nbytes
+
+cdef inline Py_ssize_t _mp_put_int(unsigned char* p, int64_t v) noexcept nogil:
     if v < 0:
         p[0] = 0xd3
-    elif v < 128:
+        return 1 + _put_be(p + 1, <uint64_t>v, 8)
+    if v < 128:
         p[0] = <unsigned char>v
         return 1
-    elif v < 256:
+    if v < 256:
         p[0] = 0xcc
-        p[1] = <unsigned char>v
-        return 2
-    elif v < 65536:
+        return 1 + _put_be(p + 1, <uint64_t>v, 1)
+    if v < 65536:
         p[0] = 0xcd
-        p[1] = <unsigned char>(v >> 8)
-        p[2] = <unsigned char>v
-        return 3
-    elif v < <int64_t>0x100000000:
+        return 1 + _put_be(p + 1, <uint64_t>v, 2)
+    if v < <int64_t>0x100000000:
         p[0] = 0xce
-        for i in range(4):
-            p[1 + i] = <unsigned char>(u >> (24 - 8 * i))
-        return 5
-    else:
-        p[0] = 0xcf
-    for i in range(8):
-        p[1 + i] = <unsigned char>(u >> (56 - 8 * i))
-    return 9
+        return 1 + _put_be(p + 1, <uint64_t>v, 4)
+    p[0] = 0xcf
+    return 1 + _put_be(p + 1, <uint64_t>v, 8)
 
 cdef inline Py_ssize_t _mp_len_size(Py_ssize_t n, Py_ssize_t small) noexcept nogil:
     # Header size of an array (small=16) or bin (small=0) of n elements/bytes.
@@ -839,33 +841,18 @@ cdef inline Py_ssize_t _mp_len_size(Py_ssize_t n, Py_ssize_t small) noexcept nog
     return 5
 
 cdef inline Py_ssize_t _mp_put_len(unsigned char* p, Py_ssize_t n, bint array) noexcept nogil:
-    if array:
-        if n < 16:
-            p[0] = <unsigned char>(0x90 | n)
-            return 1
-        if n < 65536:
-            p[0] = 0xdc
-            p[1] = <unsigned char>(n >> 8)
-            p[2] = <unsigned char>n
-            return 3
-        p[0] = 0xdd
-    else:
-        if n < 256:
-            p[0] = 0xc4
-            p[1] = <unsigned char>n
-            return 2
-        if n < 65536:
-            p[0] = 0xc5
-            p[1] = <unsigned char>(n >> 8)
-            p[2] = <unsigned char>n
-            return 3
-        p[0] = 0xc6
-    p[1] = <unsigned char>(n >> 24)
-    p[2] = <unsigned char>(n >> 16)
-    p[3] = <unsigned char>(n >> 8)
-    p[4] = <unsigned char>n
-    return 5
-
+    # An array header (fixarray, array16, array32) or a bin header (bin8/16/32).
+    if array and n < 16:
+        p[0] = <unsigned char>(0x90 | n)
+        return 1
+    if not array and n < 256:
+        p[0] = 0xc4
+        return 1 + _put_be(p + 1, <uint64_t>n, 1)
+    if n < 65536:
+        p[0] = 0xdc if array else 0xc5
+        return 1 + _put_be(p + 1, <uint64_t>n, 2)
+    p[0] = 0xdd if array else 0xc6
+    return 1 + _put_be(p + 1, <uint64_t>n, 4)
 
 def pack_data(bytes prefix, Batch batch, uint64_t kinds=ALL_KINDS,
               Py_ssize_t limit=1 << 30):
@@ -900,23 +887,10 @@ def pack_data(bytes prefix, Batch batch, uint64_t kinds=ALL_KINDS,
     if count == 0:
         return None, 0, batch._first_offset + stop
     body += _mp_len_size(count, 16)
-    size = body + (2 if body < 126 else 4 if body < 65536 else 10)
+    size = body + _ws_out_header_size(body)
     out = PyBytes_FromStringAndSize(NULL, size)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
-    dst[0] = 0x82                       # FIN + binary
-    if body < 126:
-        dst[1] = <unsigned char>body
-        pos = 2
-    elif body < 65536:
-        dst[1] = 126
-        dst[2] = <unsigned char>(body >> 8)
-        dst[3] = <unsigned char>body
-        pos = 4
-    else:
-        dst[1] = 127
-        for i in range(8):
-            dst[2 + i] = <unsigned char>((<uint64_t>body) >> (56 - 8 * i))
-        pos = 10
+    pos = _ws_put_header(dst, 0x80 | OP_BINARY, body, 0)     # FIN, binary, unmasked
     memcpy(dst + pos, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix))
     pos += PyBytes_GET_SIZE(prefix)
     pos += _mp_put_len(dst + pos, count, 1)
@@ -941,4 +915,3 @@ def pack_data(bytes prefix, Batch batch, uint64_t kinds=ALL_KINDS,
         pos += batch._len[i]
     assert pos == size
     return out, count, batch._first_offset + stop
-include "_wsframe.pxi"
