@@ -36,6 +36,24 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def is_json_text(data: bytes) -> bool:
+    """Whether ``data`` is exactly one JSON value in UTF-8 (RFC 8259): no
+    NaN or Infinity, no byte-order mark, no other encoding, no lone surrogate
+    escapes.  What a JSON session stores must be valid as it is."""
+    try:
+        text = data.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+        if "\\u" in text:
+            json.dumps(value, ensure_ascii=False).encode()   # refuses "\ud800"
+    except (ValueError, UnicodeError):
+        return False
+    return True
+
+
 def dir_name(name: str) -> str:
     """A file name for the session: only [A-Za-z0-9_-] and %XX escapes.
 

@@ -64,6 +64,14 @@ class HttpServer:
                                     keep_alive=req.keep_alive))
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """One connection's task.  Whatever happens on it stays on it: an
+        error here must never reach the listener, which would stop serving."""
+        try:
+            await self._serve_connection(stream)
+        except Exception:
+            log.exception("connection failed")
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         reader = RequestReader()
         try:
             async with stream:

@@ -332,6 +332,12 @@ class SessionActor:
                 break
             reply.fail(trio.ClosedResourceError())
         self._inbox.close()
+        if self._inflight is not None and self.log is not None:
+            # Stopped (cancelled or failed) with an fsync taken but not settled:
+            # its worker has returned (the nursery waited), so unpin its files.
+            _, paths, directory = self._inflight
+            self._inflight = None
+            self.log.end_sync(paths, self._sync_outcome is True, directory)
         if self.log is not None:
             try:
                 if self.log.needs_sync():

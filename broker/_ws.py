@@ -38,7 +38,6 @@ connection (4008) if the previous ping has not been answered by then.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -57,7 +56,7 @@ from ._errors import (
     SessionDeleted,
     SessionNotFound,
 )
-from ._meta import media_type
+from ._meta import is_json_text, media_type
 from ._session import SIGNAL, ProduceResult, Reply
 
 log = logging.getLogger("broker.ws")
@@ -247,16 +246,23 @@ class _Conn:
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._write_loop)
-                await self._read_loop(leftover)
+                nursery.start_soon(self._guard, self._write_loop)
+                await self._guard(self._read_loop, leftover)
                 if self.closing is None:
                     nursery.cancel_scope.cancel()       # the peer went away
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):
                     await self.stream.aclose()
+
+    async def _guard(self, loop: Callable[..., Any], *args: Any) -> None:
+        """Run the reader or the writer; a dead socket ends the connection,
+        quietly and without touching any other."""
+        try:
+            await loop(*args)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            assert self._cancel is not None
+            self._cancel.cancel()
 
     def release(self) -> None:
         for sub in list(self.subs.values()):
@@ -527,14 +533,11 @@ class _Conn:
                 if not create:
                     raise
                 info, _ = await self.broker.create(name)
-            if media_type(info.content_type) == "application/json":
-                for p in records:
-                    try:
-                        json.loads(p)
-                    except ValueError:
-                        self.error("bad_payload", "this session holds JSON: every payload "
-                                   "must be one JSON value in UTF-8", name, request_id)
-                        return
+            if media_type(info.content_type) == "application/json" \
+                    and not all(map(is_json_text, records)):
+                self.error("bad_payload", "this session holds JSON: every payload "
+                           "must be one JSON value in UTF-8", name, request_id)
+                return
             on_done: Callable[[Reply], None] = (
                 lambda reply: self.send(_ack_frame(request_id, name, reply)))
             await self.broker.submit_publish(name, records, kind=kind, publisher=self.client,

@@ -116,6 +116,7 @@ class Client:
         self._waiting: dict[int, tuple[trio.Event, list[_frames.Frame]]] = {}
         self._subs: dict[str, Subscription | _Pending] = {}
         self._welcomed = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     def _next_id(self) -> int:
         return next(self._ids)
@@ -203,7 +204,8 @@ class Client:
             self._welcomed.set()
             return
         if isinstance(frame, _frames.Ping):
-            self.ws._nursery.start_soon(self.send, _frames.Pong(frame.id))  # type: ignore[attr-defined]
+            assert self._nursery is not None
+            self._nursery.start_soon(self.send, _frames.Pong(frame.id))
             return
         request_id = getattr(frame, "id", None)
         session = getattr(frame, "session", None)
@@ -245,6 +247,7 @@ async def connect(url: str, *, client: str | None = None,
                                                  message_queue_size=1024) as ws:
         c = Client(ws)
         async with trio.open_nursery() as nursery:
+            c._nursery = nursery
             nursery.start_soon(c._reader)
             await c.send(_frames.Hello(client, token))
             await c._welcomed.wait()

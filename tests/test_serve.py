@@ -120,3 +120,25 @@ async def test_shutdown_closes_websockets_with_1001(
     finally:
         await ws.aclose()
     assert proc.wait(timeout=30) == 0
+
+
+async def test_a_websocket_reset_leaves_the_server_serving(
+        server: tuple[subprocess.Popen[str], int]) -> None:
+    import struct
+
+    from _wsraw import RawWs
+    from broker import _frames
+
+    proc, port = server
+    for _ in range(3):
+        ws = await RawWs.connect(port)
+        await ws.send(_frames.Publish(1, "s", (b"x" * 1000,) * 100, create=True))
+        await ws.send(_frames.Attach(2, "s", offset=-1))
+        ws.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+        await ws.aclose()                                   # RST, data unread
+    # Nothing to wait on in another process: give it time to meet the resets.
+    await trio.sleep(0.5)
+    assert exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 200 ")
+    assert proc.poll() is None
