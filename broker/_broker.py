@@ -329,6 +329,11 @@ class Subscription:
                 self._actor.watchers.discard(self._watch)
             self._actor = None
 
+    @property
+    def actor(self) -> SessionActor | None:
+        """The actor this cursor reads from now (None once closed)."""
+        return self._actor
+
     async def live_actor(self) -> SessionActor:
         """The session's actor, starting a new one if the old one exited."""
         actor = self._actor

@@ -38,6 +38,7 @@ connection (4008) if the previous ping has not been answered by then.
 from __future__ import annotations
 
 import itertools
+import socket
 import logging
 import secrets
 from collections.abc import Callable
@@ -57,7 +58,7 @@ from ._errors import (
     SessionNotFound,
 )
 from ._meta import is_json_text, media_type
-from ._session import SIGNAL, ProduceResult, Reply
+from ._session import SIGNAL, ProduceResult, Reply, SessionActor
 
 log = logging.getLogger("broker.ws")
 
@@ -119,8 +120,11 @@ class _Sub:
         self.fanout = fanout
 
     def mark(self) -> None:
-        """The session has news: the writer should look at this subscription."""
+        """The session has news: send it now if that is simple, else let the
+        writer look at this subscription."""
         conn = self.conn
+        if conn.waiting and not conn.out and not conn.ready and conn._direct(self):
+            return
         conn.ready[self] = None
         conn.wake.set()
 
@@ -212,6 +216,10 @@ class _Conn:
         self.broker = server.broker
         self.cfg = server.config
         self.stream = stream
+        # The plain socket under a plain TCP stream, for _send's fast path.
+        self._sock: socket.socket | None = (
+            stream.socket._sock if isinstance(stream, trio.SocketStream)   # type: ignore[attr-defined]
+            and isinstance(getattr(stream.socket, "_sock", None), socket.socket) else None)
         self.id = conn_id
         self.parser = _core.FrameParser(False, self.cfg.max_message)
         self.out: list[bytes] = []               # frames queued for the next round
@@ -220,6 +228,7 @@ class _Conn:
         self.subs: dict[str, _Sub] = {}
         self.client: str | None = None           # set by hello
         self.awaiting_pong = False
+        self.waiting = False                     # the writer is idle, waiting to be woken
         self.ping_ids = itertools.count(1)
         self.closing: tuple[int, str] | None = None
         self._cancel: trio.CancelScope | None = None
@@ -303,8 +312,12 @@ class _Conn:
         interval = self.cfg.heartbeat_s
         next_ping = trio.current_time() + interval
         while True:
-            with trio.move_on_at(next_ping):
-                await self.wake.wait()
+            self.waiting = True
+            try:
+                with trio.move_on_at(next_ping):
+                    await self.wake.wait()
+            finally:
+                self.waiting = False
             if trio.current_time() >= next_ping:
                 if self.awaiting_pong:
                     self.closing = (4008, "heartbeat timeout: no pong")
@@ -322,10 +335,28 @@ class _Conn:
             if self.ready:
                 self.wake.set()                          # more next round
             if chunks:
-                await self.stream.send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                await self._send(b"".join(chunks) if len(chunks) > 1 else chunks[0])
             if self.closing is not None:
                 await self._send_close(*self.closing)
                 return
+
+    async def _send(self, data: bytes) -> None:
+        """``send_all``, but first one plain non-blocking ``send``: on a socket
+        with room (the usual case) that is the whole cost, where Trio's
+        ``send_all`` machinery costs several times more per call.  The
+        writer is the only task that sends, so the two never interleave."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if n == len(data):
+                return
+            data = data[n:]
+        await self.stream.send_all(data)
 
     async def _send_close(self, code: int, reason: str) -> None:
         with trio.move_on_after(self.cfg.close_timeout_s):
@@ -361,25 +392,12 @@ class _Conn:
             credit = sub.credit
             if credit == 0:
                 return 0                # a credit frame marks it ready again
-            cfg = self.broker.config
-            limit = cfg.max_batch_records if credit is None else min(credit,
-                                                                     cfg.max_batch_records)
-            key = (cursor.epoch, offset, sub.mask)
-            fan = sub.fanout
-            hit = fan.frames.get(key)
-            if hit is not None and hit[1] <= limit:
-                frame, count, nxt = hit
-            else:
-                try:
-                    batch = actor.read(offset, cfg.max_batch_records, cfg.max_batch_bytes)
-                except OffsetTooOld as exc:
-                    chunks.append(_frame(_frames.Error(exc.code, str(exc), sub.name)))
-                    self._end(sub)
-                    return 0
-                frame, count, nxt = _core.pack_data(fan.prefix, batch, sub.mask, limit)
-                if limit == cfg.max_batch_records and (frame is None
-                                                       or len(frame) <= _CACHE_MAX_FRAME):
-                    fan.put(key, (frame, count, nxt))
+            try:
+                frame, count, nxt = self._frame_at(sub, actor, offset, credit)
+            except OffsetTooOld as exc:
+                chunks.append(_frame(_frames.Error(exc.code, str(exc), sub.name)))
+                self._end(sub)
+                return 0
             cursor.offset = nxt
             actor.touch()                       # a reader's use keeps a sliding TTL alive
             if credit is not None:
@@ -401,6 +419,64 @@ class _Conn:
         if meta is not None and meta.closed and cursor.offset >= actor.committed:
             return added + self._event(sub, chunks, "closed")
         return added
+
+    def _frame_at(self, sub: _Sub, actor: SessionActor, offset: int,
+                  credit: int | None) -> tuple[bytes | None, int, int]:
+        """The data frame from ``offset`` (shared if another subscriber built
+        it): (frame or None, records in it, next offset)."""
+        cfg = self.broker.config
+        limit = cfg.max_batch_records if credit is None else min(credit, cfg.max_batch_records)
+        key = (actor.meta.epoch if actor.meta is not None else 0, offset, sub.mask)
+        fan = sub.fanout
+        hit = fan.frames.get(key)
+        if hit is not None and hit[1] <= limit:
+            return hit
+        batch = actor.read(offset, cfg.max_batch_records, cfg.max_batch_bytes)
+        built: tuple[bytes | None, int, int] = _core.pack_data(fan.prefix, batch, sub.mask,
+                                                                limit)
+        if limit == cfg.max_batch_records and (built[0] is None
+                                               or len(built[0]) <= _CACHE_MAX_FRAME):
+            fan.put(key, built)
+        return built
+
+    def _direct(self, sub: _Sub) -> bool:
+        """The fast path of fan-out, called by the session's watcher while this
+        connection's writer is idle and has nothing queued: if ``sub`` is at
+        the tail with nothing but one data frame to send, send it with one
+        non-blocking ``send`` right here, with no task switch.  False leaves
+        the subscription to the writer (anything unusual: an event, a
+        catch-up, no credit, a full socket)."""
+        cursor, sock = sub.cursor, self._sock
+        if cursor is None or sock is None or sub.behind or self.closing is not None:
+            return False
+        actor = cursor.actor
+        meta = actor.meta if actor is not None else None
+        if (actor is None or actor.exited or meta is None or meta.epoch != cursor.epoch
+                or meta.closed or sub.credit == 0 or self.subs.get(sub.name) is not sub):
+            return False
+        committed, offset = actor.committed, cursor.offset
+        if offset >= committed:
+            return True                   # nothing new for this one
+        try:
+            frame, count, nxt = self._frame_at(sub, actor, offset, sub.credit)
+        except BrokerError:
+            return False
+        if nxt < committed:
+            return False                  # more than one frame behind: the writer's job
+        if frame is not None:
+            try:
+                n = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return False              # the writer meets the error and ends the connection
+            if n < len(frame):
+                self.send(frame[n:])      # the rest goes first in the writer's next round
+        cursor.offset = nxt
+        actor.touch()
+        if sub.credit is not None:
+            sub.credit -= count
+        return True
 
     def _event(self, sub: _Sub, chunks: list[bytes], event: str,
                epoch: int | None = None) -> int:
