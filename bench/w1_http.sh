@@ -150,20 +150,7 @@ catchup() {  # catchup RUN SERVER
     stop_server
 }
 
-if [[ -n "${BROKER_REV:-}" ]]; then
-    git diff --quiet "$BROKER_REV" -- _core \
-        || { echo "_core/ differs from $BROKER_REV: build that revision's core first" >&2; exit 1; }
-    mkdir -p "$OUT/src"
-    git archive "$BROKER_REV" broker | tar -x -C "$OUT/src"
-    cp broker/_core.*.so "$OUT/src/broker/"
-    export PYTHONPATH="$OUT/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
-broker_src=$(cd /tmp && python -c 'import broker, os; print(os.path.dirname(broker.__file__))')
-if [[ -n "${BROKER_REV:-}" ]]; then
-    broker_desc="$BROKER_REV = $(git rev-parse --short "$BROKER_REV") (from $broker_src)"
-else
-    broker_desc="work tree $broker_src, HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- broker _core || echo ', broker/ or _core/ modified')"
-fi
+source bench/_broker_rev.sh            # the cwd is the repo root (see above)
 
 read -r -a servers <<<"$SERVERS"
 {
