@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -68,12 +69,14 @@ class Subscription:
         self.up_to_date = False
         self.ended: SessionEnded | ClientError | None = None
         self._send, self._recv = trio.open_memory_channel[_frames.Frame](math.inf)
+        self._records: deque[Record] = deque()      # of the data frame being iterated
 
     def _deliver(self, frame: _frames.Frame) -> None:
         self._send.send_nowait(frame)
 
     async def next_frame(self) -> _frames.Frame:
-        """The next data, up_to_date, event or error frame for this session."""
+        """The next data, up_to_date, event or error frame for this session
+        (a lower level than iterating; use one or the other)."""
         frame = await self._recv.receive()
         if isinstance(frame, Data):
             self.offset = frame.records[-1].offset + 1
@@ -82,23 +85,32 @@ class Subscription:
             self.up_to_date = True
         return frame
 
-    def __aiter__(self) -> AsyncIterator[Record]:
-        return self._records()
+    def __aiter__(self) -> Subscription:
+        return self
 
-    async def _records(self) -> AsyncIterator[Record]:
-        while True:
-            frame = await self.next_frame()
+    async def __anext__(self) -> Record:
+        """The next record.  Ends at a ``closed`` event; raises SessionEnded for
+        the other events and ClientError for an error.  ``offset`` moves past a
+        record only once it is returned, so a caller that stops part-way
+        through a data frame resumes at the next record."""
+        while not self._records:
+            frame = await self._recv.receive()
             if isinstance(frame, Data):
-                for record in frame.records:
-                    yield record
+                self._records.extend(frame.records)
+            elif isinstance(frame, UpToDate):
+                self.offset = frame.next
+                self.up_to_date = True
             elif isinstance(frame, Event):
                 self.ended = SessionEnded(self.session, frame.event, frame.epoch)
                 if frame.event == "closed":
-                    return
+                    raise StopAsyncIteration
                 raise self.ended
             elif isinstance(frame, _frames.Error):
                 self.ended = ClientError(frame.code, frame.message, self.session)
                 raise self.ended
+        record = self._records.popleft()
+        self.offset = record.offset + 1
+        return record
 
     async def credit(self, n: int) -> None:
         await self.client.send(_frames.Credit(self.session, n))

@@ -253,3 +253,15 @@ async def test_websocket_level_ping_gets_a_pong(raw: Any, served: Served) -> Non
     assert await ws.message() == (_core.OP_PONG, b"are you there")
     await ws.send_message(_core.close_payload(1000, "bye"), _core.OP_CLOSE)
     assert await ws.close_code() == 1000
+
+
+async def test_client_offset_moves_per_record_not_per_frame(served: Served) -> None:
+    async with client.connect(served.ws_url) as c:
+        await c.publish("s", [b"a", b"b", b"c"], create=True)
+        sub = await c.attach("s", offset=-1)
+        async for record in sub:
+            if record.offset == 1:
+                break                       # the frame held all three
+        assert sub.offset == 2
+        again = await c.attach("t", offset=-1, create=True)
+        assert again.offset == 0
