@@ -174,12 +174,8 @@ class WsServer:
                 del self._fanouts[name]
 
 
-def _binary(body: bytes) -> bytes:
-    return _core.frame_header(_core.OP_BINARY, len(body)) + body
-
-
 def _frame(frame: _frames.Frame) -> bytes:
-    return _binary(_frames.encode(frame))
+    return _core.build_frame(_core.OP_BINARY, _frames.encode(frame))
 
 
 def _ack_frame(request_id: int, session: str, reply: Reply) -> bytes:
@@ -340,23 +336,25 @@ class _Conn:
                 await self._send_close(*self.closing)
                 return
 
+    def _try_send(self, data: bytes) -> int:
+        """One plain non-blocking ``send`` (0 when the socket is full, or when
+        the stream is not a plain socket): on a socket with room, the usual
+        case, that is the whole cost, where Trio's ``send_all`` machinery
+        costs several times more per call.  Only the writer, or ``_direct``
+        while the writer is idle, sends, so sends never interleave."""
+        if self._sock is None:
+            return 0
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
     async def _send(self, data: bytes) -> None:
-        """``send_all``, but first one plain non-blocking ``send``: on a socket
-        with room (the usual case) that is the whole cost, where Trio's
-        ``send_all`` machinery costs several times more per call.  The
-        writer is the only task that sends, so the two never interleave."""
-        sock = self._sock
-        if sock is not None:
-            try:
-                n = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if n == len(data):
-                return
-            data = data[n:]
-        await self.stream.send_all(data)
+        n = self._try_send(data)
+        if n < len(data):
+            await self.stream.send_all(data[n:] if n else data)
 
     async def _send_close(self, code: int, reason: str) -> None:
         with trio.move_on_after(self.cfg.close_timeout_s):
@@ -398,10 +396,7 @@ class _Conn:
                 chunks.append(_frame(_frames.Error(exc.code, str(exc), sub.name)))
                 self._end(sub)
                 return 0
-            cursor.offset = nxt
-            actor.touch()                       # a reader's use keeps a sliding TTL alive
-            if credit is not None:
-                sub.credit = credit - count
+            self._advance(sub, actor, nxt, count)
             # A read that matched nothing (a kind filter skipping a backlog)
             # still costs: charge it, so one round cannot scan without end.
             added = _SCAN_COST
@@ -446,8 +441,8 @@ class _Conn:
         non-blocking ``send`` right here, with no task switch.  False leaves
         the subscription to the writer (anything unusual: an event, a
         catch-up, no credit, a full socket)."""
-        cursor, sock = sub.cursor, self._sock
-        if cursor is None or sock is None or sub.behind or self.closing is not None:
+        cursor = sub.cursor
+        if cursor is None or self._sock is None or sub.behind or self.closing is not None:
             return False
         actor = cursor.actor
         meta = actor.meta if actor is not None else None
@@ -465,18 +460,24 @@ class _Conn:
             return False                  # more than one frame behind: the writer's job
         if frame is not None:
             try:
-                n = sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                return False
-            except OSError:
+                n = self._try_send(frame)
+            except trio.BrokenResourceError:
                 return False              # the writer meets the error and ends the connection
+            if n == 0:
+                return False
             if n < len(frame):
                 self.send(frame[n:])      # the rest goes first in the writer's next round
-        cursor.offset = nxt
-        actor.touch()
+        self._advance(sub, actor, nxt, count)
+        return True
+
+    @staticmethod
+    def _advance(sub: _Sub, actor: SessionActor, nxt: int, count: int) -> None:
+        """``count`` records up to ``nxt`` were handed over to this subscriber."""
+        assert sub.cursor is not None
+        sub.cursor.offset = nxt
+        actor.touch()                     # a reader's use keeps a sliding TTL alive
         if sub.credit is not None:
             sub.credit -= count
-        return True
 
     def _event(self, sub: _Sub, chunks: list[bytes], event: str,
                epoch: int | None = None) -> int:
