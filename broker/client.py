@@ -171,20 +171,15 @@ class Client:
 
         Raises SessionEnded if the session is gone or its epoch is not
         ``epoch``, and ClientError for other refusals."""
-        request_id = self._next_id()
-        frame = _frames.Attach(request_id, session, _frames.parse_offset(offset), epoch,
+        frame = _frames.Attach(self._next_id(), session, _frames.parse_offset(offset), epoch,
                                None if kinds is None else tuple(kinds), credit, create)
-        done = trio.Event()
-        slot: list[_frames.Frame] = []
-        self._waiting[request_id] = (done, slot)
         pending = _Pending(session)
         self._subs[session] = pending       # catches an event that answers instead
-        await self.send(frame)
-        await done.wait()
-        answer = slot[0]
-        if isinstance(answer, _frames.Error):
+        try:
+            answer = await self._request(frame)
+        except ClientError:
             self._subs.pop(session, None)
-            raise ClientError(answer.code, answer.message, answer.session)
+            raise
         if isinstance(answer, Event):
             self._subs.pop(session, None)
             raise SessionEnded(session, answer.event, answer.epoch)
