@@ -106,6 +106,9 @@ class Publish:
             raise ValueError(f"record kind must be 0..{MAX_KIND}, not {self.kind}")
 
 
+_PLAIN = Publish()      # a record with no kind, publisher or meta of its own
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """A snapshot of a session's metadata and offsets."""
@@ -419,11 +422,15 @@ class SessionActor:
         unsynced = log.next_offset - self.committed
         if trio.current_time() < self._group_deadline and unsynced < fsync.max_records:
             return
+        self._start_sync()
+
+    def _start_sync(self) -> None:
+        """Hand what is written so far to an fsync in a worker thread."""
+        assert self.log is not None and self._helpers is not None
         self._group_deadline = math.inf
-        paths, fds, directory = log.begin_sync()
-        self._inflight = (log.next_offset, paths, directory)
+        paths, fds, directory = self.log.begin_sync()
+        self._inflight = (self.log.next_offset, paths, directory)
         self._sync_done = trio.Event()
-        assert self._helpers is not None
         self._helpers.start_soon(self._sync_worker, fds, directory)
 
     async def _sync_worker(self, fds: list[int], directory: str | None) -> None:
@@ -437,11 +444,13 @@ class SessionActor:
         if self._recv_scope is not None:
             self._recv_scope.cancel()
 
-    async def _finish_sync(self) -> bool:
-        """Take the outcome of the fsync in flight; False if the disk failed."""
-        await self._sync_done.wait()
+    async def _settle_sync(self) -> bool:
+        """Wait for the fsync in flight and take its outcome; False if the disk
+        failed (every waiting append is then failed)."""
+        with trio.CancelScope(shield=True):    # the worker is shielded: so is its outcome
+            await self._sync_done.wait()
         assert self._inflight is not None and self.log is not None
-        upto, paths, directory = self._inflight
+        _, paths, directory = self._inflight
         outcome = self._sync_outcome
         self._inflight = None
         self._sync_outcome = None
@@ -449,6 +458,14 @@ class SessionActor:
         if outcome is not True:
             logger.error("session %r: fsync failed: %s", self.name, outcome)
             self._fail_pending(StorageError(f"fsync failed: {outcome}"))
+            return False
+        return True
+
+    async def _finish_sync(self) -> bool:
+        """Settle the fsync in flight and publish what it covered."""
+        assert self._inflight is not None
+        upto = self._inflight[0]
+        if not await self._settle_sync():
             return False
         if self.meta is not None and self._meta_updates_due():
             # Metadata must describe only durable records: settle everything.
@@ -599,28 +616,21 @@ class SessionActor:
         batch.extend(payloads)
         if not n or (pub is None and stamp is None):
             return
-        publisher = pub.publisher if pub is not None else None
-        metas = pub.metas if pub is not None else None
-        if pub is not None and pub.kind:
+        pub = pub or _PLAIN
+        if pub.kind:
             flags = pub.kind << _core.KIND_SHIFT
             for i in range(base, base + n):
                 self._flags[i] = flags
-        if metas is None and publisher is not None:
-            shared = record_header(publisher)
-            assert shared is not None
-            for i in range(base, base + n - 1):
-                self._metas[i] = shared
-            header = record_header(publisher, None, stamp)
-        elif metas is not None:
-            for i in range(n - 1):
-                h = record_header(publisher, metas[i])
-                if h is not None:
-                    self._metas[base + i] = h
-            header = record_header(publisher, metas[-1], stamp)
-        else:
-            header = record_header(None, None, stamp)
-        if header is not None:
-            self._metas[base + n - 1] = header
+        metas = pub.metas
+        shared = record_header(pub.publisher) if metas is None else None
+        for i in range(n - 1):
+            h = shared if metas is None else record_header(pub.publisher, metas[i])
+            if h is not None:
+                self._metas[base + i] = h
+        # The last record also carries the producer stamp, if any.
+        last = record_header(pub.publisher, None if metas is None else metas[-1], stamp)
+        if last is not None:
+            self._metas[base + n - 1] = last
 
     def _producer_snapshot(self, at: int) -> dict[str, Any]:
         self._producers_changed = False
@@ -711,26 +721,16 @@ class SessionActor:
         Returns False if the disk failed: the waiting appends are failed and
         the actor must stop (a new one recovers the log from what is on disk).
         """
-        if self._inflight is not None:
-            if not await self._finish_sync():
-                return False
+        if self._inflight is not None and not await self._settle_sync():
+            return False
         self._group_deadline = math.inf
         log = self.log
         if log is None:
             return True
         if self._cfg.fsync.durable and log.needs_sync():
-            paths, fds, directory = log.begin_sync()
-            ok = False
-            try:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(fsync_all, fds, directory)
-                ok = True
-            except OSError as exc:
-                logger.error("session %r: fsync failed: %s", self.name, exc)
-                self._fail_pending(StorageError(f"fsync failed: {exc}"))
+            self._start_sync()
+            if not await self._settle_sync():
                 return False
-            finally:
-                log.end_sync(paths, ok, directory)
         updates = self._meta_updates(log.next_offset)
         if updates and self.meta is not None:
             try:

@@ -363,3 +363,28 @@ async def test_pipelined_publishes_are_acked_in_order(tmp_path: Path) -> None:
         await done.wait()
         assert acked == [range(3 * i, 3 * i + 3) for i in range(300)]
         assert b._actors["s"].log.syncs < 300     # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("policy", ["always", "group"])
+async def test_a_failed_fsync_fails_its_appends_and_the_session_recovers(
+        tmp_path: Path, policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import broker._session as session_mod
+
+    real = session_mod.fsync_all
+
+    def failing(fds: list[int], directory: str | None) -> None:
+        raise OSError(5, "Input/output error (injected)")
+
+    async with broker.open_broker(tmp_path, fsync=FsyncPolicy.parse(policy)) as b:
+        await b.create("s")
+        await b.create("other")
+        assert await b.append("s", b"kept") == 0
+        monkeypatch.setattr(session_mod, "fsync_all", failing)
+        with pytest.raises(broker.StorageError) as e:
+            await b.append("s", b"lost")
+        assert "fsync failed" in str(e.value)
+        monkeypatch.setattr(session_mod, "fsync_all", real)
+        # The failed actor stopped; the next use recovers the session from disk.
+        assert await b.append("s", b"after") >= 1
+        assert (await b.read("s")).payloads()[0] == b"kept"
+        assert await b.append("other", b"fine") == 0
