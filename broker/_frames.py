@@ -36,7 +36,6 @@ the transport has already capped at ``max_message``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Final
@@ -44,6 +43,7 @@ from typing import Any, Final
 import msgpack
 
 from ._errors import BrokerError
+from ._offsets import parse_offset_text
 from ._session import MAX_KIND, NOW, START
 
 U64_MAX: Final = (1 << 64) - 1
@@ -52,7 +52,6 @@ EVENTS: Final = frozenset({"closed", "deleted", "epoch_changed"})
 
 # An HTTP offset, "<reserved>_<record>".  [0-9], not \d: \d also matches other
 # scripts' digits, which int() would happily read.
-_HTTP_OFFSET_RE = re.compile(r"([0-9]{1,20})_([0-9]{1,20})")
 
 
 class FrameError(BrokerError, ValueError):
@@ -479,13 +478,9 @@ def parse_offset(value: object) -> int:
         if START <= value <= U64_MAX:
             return value
     elif type(value) is str:
-        if value == "-1":
-            return START
-        if value == "now":
-            return NOW
-        m = _HTTP_OFFSET_RE.fullmatch(value)
-        if m is not None and int(m.group(1)) == 0 and int(m.group(2)) <= U64_MAX:
-            return int(m.group(2))
+        offset = parse_offset_text(value)
+        if offset is not None and offset <= U64_MAX:
+            return offset
     raise FrameError("bad_offset", f"malformed offset {_short(value)}: use an integer, "
                                    f"\"-1\", \"now\" or an HTTP offset")
 

@@ -57,11 +57,11 @@ from ._errors import (
 )
 from ._http import Headers, Request, Responder, error, response
 from ._meta import media_type
+from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
 from ._session import NOW, START, ProduceResult, SessionInfo
 
 STREAM_PREFIX = "/v1/stream/"
 
-_OFFSET_RE = re.compile(r"(\d{1,20})_(\d{1,20})")
 _TTL_RE = re.compile(r"0|[1-9]\d{0,15}")
 _CURSOR_EPOCH = datetime.datetime(2024, 10, 9, tzinfo=datetime.UTC).timestamp()
 _CURSOR_INTERVAL_S = 20
@@ -82,20 +82,12 @@ class _Fail(Exception):
 
 # ---------------------------------------------------------------- offsets
 
-def format_offset(offset: int) -> str:
-    return f"{0:016d}_{offset:016d}"
-
-
 def parse_offset(text: str) -> int:
     """A wire offset, ``-1`` or ``now`` -> a record offset, START or NOW."""
-    if text == "-1":
-        return START
-    if text == "now":
-        return NOW
-    m = _OFFSET_RE.fullmatch(text)
-    if m is None or int(m.group(1)) != 0:
+    offset = parse_offset_text(text)
+    if offset is None:
         raise _Fail(400, "bad_offset", f"malformed offset {text!r}")
-    return int(m.group(2))
+    return offset
 
 
 def _cursor(client: str | None) -> str:
@@ -244,7 +236,7 @@ class StreamsApi:
             raise _Fail(400, "bad_fork", "Stream-Fork-Sub-Offset needs Stream-Forked-From")
         fork_offset: int | None = None
         if fork_offset_h is not None:
-            if not _OFFSET_RE.fullmatch(fork_offset_h):
+            if not HTTP_OFFSET_RE.fullmatch(fork_offset_h):
                 raise _Fail(400, "bad_fork", f"malformed Stream-Fork-Offset {fork_offset_h!r}")
             fork_offset = parse_offset(fork_offset_h)
         sub = 0
