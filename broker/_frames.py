@@ -591,14 +591,6 @@ def encode(frame: Frame) -> bytes:
     return msgpack.packb(out, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def encode_data_rows(session: str, rows: Sequence[Sequence[Any]]) -> bytes:
-    """A ``data`` frame from records already in wire shape
-    (``[offset, ts, kind, header, payload]``), unchecked: the server's fan-out
-    path, which would otherwise build and validate a Record per record."""
-    return msgpack.packb({"t": "data", "s": session, "r": rows},  # type: ignore[no-any-return]
-                         use_bin_type=True)
-
-
 def decode(data: bytes) -> Frame:
     """One message -> its frame, of either direction.  Raises FrameError."""
     n = len(data)
