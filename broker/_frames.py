@@ -36,7 +36,7 @@ the transport has already capped at ``max_message``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Final
 
