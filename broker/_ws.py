@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +59,6 @@ from ._errors import (
 from ._meta import is_json_text, media_type
 from ._session import SIGNAL, ProduceResult, Reply, SessionActor
 
-log = logging.getLogger("broker.ws")
 
 WS_PATH = "/v1/ws"
 
