@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -26,9 +27,11 @@ from typing import Any
 
 import trio
 
+from ._auth import Authenticator, mint, parse_cap_option
 from ._broker import open_broker
 from ._config import BrokerConfig, FsyncPolicy
-from ._server import HttpServer
+from ._limits import HttpLimits
+from ._server import HttpServer, make_ssl_context
 from ._streams import StreamsApi
 from ._ws import WsConfig, WsServer
 
@@ -48,8 +51,34 @@ class ServeOptions:
     retention_bytes: int = 0
     ws_heartbeat_s: float = 25.0
     ws_max_message: int = 1 << 20
+    ws_max_sessions: int = 1_000
+    ws_hello_timeout_s: float = 10.0
+    ws_publish_rate: float = 0.0
+    ws_publish_burst: int = 0
+    max_record_bytes: int = 16 * 1024 * 1024
+    max_batch_records: int = 10_000
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 10_000
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+    http_publish_rate: float = 0.0
+    http_publish_burst: int = 0
+    auth_secret: str | None = None
+    auth_public_key: str | None = None
+    insecure_no_auth: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
     log_level: str = "INFO"
 
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        raise ValueError(f"not a yes/no value: {text!r}")
+    return value in ("1", "true", "yes", "on")
+
+
+_SECRET_OPTIONS = ("auth_secret",)      # never shown by --help defaults or logs
 
 # option -> (type, help)
 _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -66,6 +95,30 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "ws_heartbeat_s": (float, "seconds between WebSocket pings; a peer that misses a pong "
                               "by the next one is dropped"),
     "ws_max_message": (int, "largest WebSocket message accepted, in bytes"),
+    "ws_max_sessions": (int, "sessions one WebSocket connection may attach at once"),
+    "ws_hello_timeout_s": (float, "a WebSocket that has not sent an accepted hello by then "
+                                  "is closed"),
+    "ws_publish_rate": (float, "records per second one WebSocket connection may publish; "
+                               "0 is unlimited"),
+    "ws_publish_burst": (int, "records a WebSocket publisher may send at once above the rate; "
+                              "0 means one second's worth"),
+    "max_record_bytes": (int, "largest record payload accepted, in bytes"),
+    "max_batch_records": (int, "records in one publish (a WebSocket batch or a JSON array POST)"),
+    "max_body_bytes": (int, "largest HTTP request body; beyond it 413"),
+    "max_connections": (int, "open connections at once; beyond it 503 and close"),
+    "header_timeout_s": (float, "a request head, TLS handshake or WebSocket upgrade must "
+                                "arrive within this"),
+    "keepalive_timeout_s": (float, "an idle HTTP keep-alive connection is closed after this"),
+    "http_publish_rate": (float, "appends (POSTs) per second one HTTP connection may make; "
+                                 "beyond it 429; 0 is unlimited"),
+    "http_publish_burst": (int, "POSTs an HTTP connection may make at once above the rate; "
+                                "0 means one second's worth"),
+    "auth_secret": (str, "HS256 secret (at least 32 bytes): turns on token auth"),
+    "auth_public_key": (str, "PEM public key file (Ed25519, RSA or EC P-256): turns on token "
+                             "auth with EdDSA, RS256 or ES256"),
+    "insecure_no_auth": (_flag, "allow a non-loopback address without token auth"),
+    "tls_cert": (str, "PEM certificate chain: serve HTTPS and WSS"),
+    "tls_key": (str, "PEM private key for --tls-cert"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -81,7 +134,7 @@ def resolve_options(flags: dict[str, Any], environ: dict[str, str]) -> ServeOpti
             key = key.replace("-", "_")
             if key not in _OPTIONS:
                 raise SystemExit(f"{path}: unknown option {key!r}")
-            values[key] = _OPTIONS[key][0](str(value)) if not isinstance(value, bool) else value
+            values[key] = value if isinstance(value, bool) else _OPTIONS[key][0](str(value))
     for key, (kind, _) in _OPTIONS.items():
         env = environ.get("BROKER_" + key.upper())
         if env is not None:
@@ -90,7 +143,23 @@ def resolve_options(flags: dict[str, Any], environ: dict[str, str]) -> ServeOpti
             values[key] = flags[key]
     opts = ServeOptions(**values)
     FsyncPolicy.parse(opts.fsync)          # fail early on a bad policy
+    if bool(opts.tls_cert) != bool(opts.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    if not (opts.auth_secret or opts.auth_public_key) and not opts.insecure_no_auth \
+            and not is_loopback(opts.host):
+        raise SystemExit(f"refusing to listen on {opts.host} without token auth: give "
+                         "--auth-secret or --auth-public-key, or --insecure-no-auth to run open")
     return opts
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,29 +169,80 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a TOML file of options (keys as below, e.g. port = 8080)")
     for key, (kind, text) in _OPTIONS.items():
         default = getattr(ServeOptions(), key)
-        s.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
-                       help=f"{text} [default {default}; env BROKER_{key.upper()}]")
+        flag = "--" + key.replace("_", "-")
+        hint = f"env BROKER_{key.upper()}" if key in _SECRET_OPTIONS \
+            else f"default {default}; env BROKER_{key.upper()}"
+        if kind is _flag:
+            s.add_argument(flag, action="store_true", default=None, help=f"{text} [{hint}]")
+        else:
+            s.add_argument(flag, type=kind, default=None, help=f"{text} [{hint}]")
+    t = sub.add_parser("token", help="mint a token for development")
+    t.add_argument("--sub", required=True, help="the client id (stamped on what it publishes)")
+    t.add_argument("--cap", action="append", default=[], metavar="GLOB=OPS",
+                   help="a capability, e.g. 'chat/*=read,append'; repeat for more")
+    t.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry [3600]")
+    t.add_argument("--secret", help="HS256 secret [env BROKER_AUTH_SECRET]")
+    t.add_argument("--private-key", help="PEM private key file (Ed25519, RSA or EC P-256) "
+                                         "instead of a secret")
     return p
+
+
+def mint_token(args: argparse.Namespace, environ: dict[str, str]) -> str:
+    caps: dict[str, list[str]] = {}
+    try:
+        for text in args.cap:
+            glob, ops = parse_cap_option(text)
+            caps.setdefault(glob, []).extend(ops)
+        if args.private_key:
+            with open(args.private_key, "rb") as f:
+                return mint(args.sub, caps, ttl_s=args.ttl, private_key_pem=f.read())
+        secret = args.secret or environ.get("BROKER_AUTH_SECRET")
+        if not secret:
+            raise SystemExit("broker token needs --secret, BROKER_AUTH_SECRET or --private-key")
+        Authenticator(secret)           # the same length rule as the server's
+        return mint(args.sub, caps, ttl_s=args.ttl, secret=secret)
+    except ValueError as exc:
+        raise SystemExit(f"broker token: {exc}") from None
 
 
 async def serve(opts: ServeOptions,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGINT or SIGTERM; then drain, sync, and return."""
     config = BrokerConfig(fsync=FsyncPolicy.parse(opts.fsync), segment_bytes=opts.segment_bytes,
-                          retention_bytes=opts.retention_bytes or None)
+                          retention_bytes=opts.retention_bytes or None,
+                          max_record_bytes=opts.max_record_bytes)
+    try:
+        auth = Authenticator.from_options(opts.auth_secret, opts.auth_public_key)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"auth: {exc}") from None
+    if not auth.enabled:
+        log.warning("token auth is off: anyone who can reach %s:%d may read and write every "
+                    "session (give --auth-secret to turn it on)", opts.host, opts.port)
+    ssl_context = make_ssl_context(opts.tls_cert, opts.tls_key) \
+        if opts.tls_cert and opts.tls_key else None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_broker(opts.data_dir, config) as broker:
-            streams = StreamsApi(broker, opts.long_poll_timeout_ms / 1000, opts.sse_max_s)
-            ws = WsServer(broker, WsConfig(heartbeat_s=opts.ws_heartbeat_s,
-                                           max_message=opts.ws_max_message))
-            server = HttpServer(broker, streams, ws)
+            streams = StreamsApi(broker, opts.long_poll_timeout_ms / 1000, opts.sse_max_s,
+                                 auth=auth, max_batch_records=opts.max_batch_records)
+            ws = WsServer(broker, WsConfig(
+                heartbeat_s=opts.ws_heartbeat_s, max_message=opts.ws_max_message,
+                max_publish_records=opts.max_batch_records, max_sessions=opts.ws_max_sessions,
+                hello_timeout_s=opts.ws_hello_timeout_s, publish_rate=opts.ws_publish_rate,
+                publish_burst=opts.ws_publish_burst), auth=auth)
+            limits = HttpLimits(
+                max_connections=opts.max_connections, max_body_bytes=opts.max_body_bytes,
+                header_timeout_s=opts.header_timeout_s,
+                keepalive_timeout_s=opts.keepalive_timeout_s,
+                publish_rate=opts.http_publish_rate, publish_burst=opts.http_publish_burst)
+            server = HttpServer(broker, streams, ws, limits=limits, ssl_context=ssl_context)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as listening:
                     listeners = await listening.start(functools.partial(
                         trio.serve_tcp, server.serve_connection, opts.port, host=opts.host,
                         handler_nursery=connections))
                     bound = listeners[0].socket.getsockname()[1]
-                    print(f"listening on http://{opts.host}:{bound}", file=sys.stderr,
+                    scheme = "https" if ssl_context else "http"
+                    print(f"listening on {scheme}://{opts.host}:{bound}", file=sys.stderr,
                           flush=True)
                     task_status.started(bound)
                     async for sig in signals:
@@ -144,6 +264,9 @@ async def serve(opts: ServeOptions,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        print(mint_token(args, dict(os.environ)))
+        return 0
     if args.command == "serve":
         opts = resolve_options(vars(args), dict(os.environ))
         logging.basicConfig(level=opts.log_level.upper(), stream=sys.stderr,

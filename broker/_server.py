@@ -17,6 +17,7 @@ _ws.py.
 from __future__ import annotations
 
 import logging
+import ssl
 
 import trio
 
@@ -31,6 +32,7 @@ from ._http import (
     error_response,
     response,
 )
+from ._limits import HttpLimits
 from ._handshake import HandshakeError, server_handshake
 from ._streams import STREAM_PREFIX, StreamsApi
 from ._ws import WS_PATH, WsServer
@@ -38,14 +40,25 @@ from ._ws import WS_PATH, WsServer
 log = logging.getLogger("broker.http")
 
 
+def make_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context for HTTPS and WSS on the same port: TLS 1.2 or later."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 class HttpServer:
     """Routes requests: /healthz, and the Durable Streams API under /v1/stream/."""
 
     def __init__(self, broker: Broker, streams: StreamsApi | None = None,
-                 ws: WsServer | None = None) -> None:
+                 ws: WsServer | None = None, limits: HttpLimits | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.broker = broker
         self.streams = streams or StreamsApi(broker)
         self.ws = ws or WsServer(broker)
+        self.limits = limits or HttpLimits()
+        self.ssl_context = ssl_context
         self.closing = False          # set on shutdown: finish the current request, then close
 
     async def handle(self, req: Request, out: Responder) -> None:

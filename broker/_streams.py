@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from . import _core
+from ._auth import Authenticator
 from ._broker import Broker, Subscription
 from ._errors import (
     BrokerError,
@@ -158,8 +159,11 @@ def _expires_header(info: SessionInfo) -> str | None:
 
 class StreamsApi:
     def __init__(self, broker: Broker, long_poll_timeout_s: float = 30.0,
-                 sse_max_s: float = 60.0) -> None:
+                 sse_max_s: float = 60.0, auth: Authenticator | None = None,
+                 max_batch_records: int = 10_000) -> None:
         self.broker = broker
+        self.auth = auth or Authenticator()
+        self.max_batch_records = max_batch_records
         self.long_poll_timeout_s = long_poll_timeout_s
         self.sse_max_s = sse_max_s
         self._waits: set[trio.CancelScope] = set()   # live waits, ended on shutdown

@@ -48,6 +48,7 @@ import msgpack
 import trio
 
 from . import _core, _frames
+from ._auth import Authenticator
 from ._broker import Broker, Subscription
 from ._errors import (
     BrokerError,
@@ -70,6 +71,10 @@ class WsConfig:
     max_publish_records: int = 10_000    # records in one publish
     max_round_bytes: int = 1 << 20       # data gathered for one send, across subscriptions
     close_timeout_s: float = 5.0         # how long the closing handshake may take
+    max_sessions: int = 1_000            # sessions attached at once on one connection
+    hello_timeout_s: float = 10.0        # a connection without an accepted hello is closed after
+    publish_rate: float = 0.0            # records per second per connection; 0 is unlimited
+    publish_burst: int = 0               # records saved in the bucket; 0 means max(1, rate)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.max_message < 1024 or self.max_publish_records < 1:
@@ -130,9 +135,11 @@ class _Sub:
 class WsServer:
     """Serves upgraded connections on /v1/ws."""
 
-    def __init__(self, broker: Broker, config: WsConfig | None = None) -> None:
+    def __init__(self, broker: Broker, config: WsConfig | None = None,
+                 auth: Authenticator | None = None) -> None:
         self.broker = broker
         self.config = config or WsConfig()
+        self.auth = auth or Authenticator()
         self._fanouts: dict[str, _Fanout] = {}
         self._conns: set[_Conn] = set()
         self._tag = secrets.token_hex(3)

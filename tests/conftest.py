@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,7 +11,10 @@ import pytest
 import trio
 
 import broker
+from broker._auth import Authenticator
+from broker._limits import HttpLimits
 from broker._server import HttpServer
+from broker._streams import StreamsApi
 from broker._ws import WsConfig, WsServer
 
 
@@ -35,10 +39,16 @@ class Served:
 
 
 @asynccontextmanager
-async def serve_in_process(data_dir: Path, ws: WsConfig | None = None,
+async def serve_in_process(data_dir: Path, ws: WsConfig | None = None, *,
+                           auth: Authenticator | None = None, limits: HttpLimits | None = None,
+                           ssl_context: ssl.SSLContext | None = None,
+                           streams: dict[str, Any] | None = None,
                            **config: Any) -> AsyncIterator[Served]:
+    """``ws``, ``auth``, ``limits``, ``ssl_context`` and ``streams`` (StreamsApi
+    keyword arguments) configure the server; the rest is BrokerConfig."""
     async with broker.open_broker(data_dir, **config) as br:
-        server = HttpServer(br, ws=WsServer(br, ws))
+        server = HttpServer(br, StreamsApi(br, auth=auth, **(streams or {})),
+                            WsServer(br, ws, auth=auth), limits=limits, ssl_context=ssl_context)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(functools.partial(
                 trio.serve_tcp, server.serve_connection, 0, host="127.0.0.1"))
