@@ -129,4 +129,4 @@ class HttpServer:
             await stream.send_all(error(503, "unavailable", "the server is shutting down"))
             return
         await stream.send_all(accepted)
-        await self.ws.serve(stream, leftover)
+        await self.ws.serve(stream, leftover, req.target)

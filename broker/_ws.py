@@ -149,8 +149,9 @@ class WsServer:
     def connections(self) -> int:
         return len(self._conns)
 
-    async def serve(self, stream: trio.abc.Stream, leftover: bytes) -> None:
-        """Run one connection after its 101 response was sent."""
+    async def serve(self, stream: trio.abc.Stream, leftover: bytes, target: str = "") -> None:
+        """Run one connection after its 101 response was sent.  ``target`` is
+        the upgrade request's target, whose query may carry ``token=``."""
         conn = _Conn(self, stream, f"{self._tag}-{next(self._ids)}")
         self._conns.add(conn)
         try:
