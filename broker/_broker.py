@@ -130,7 +130,8 @@ class Broker:
     async def create(self, name: str, *, content_type: str = "application/octet-stream",
                      ttl_s: float | None = None, expires_at: float | None = None,
                      extra: dict[str, Any] | None = None, closed: bool = False,
-                     initial: Sequence[bytes] = ()) -> tuple[SessionInfo, bool]:
+                     initial: Sequence[bytes] = (), publisher: str | None = None,
+                     copied: int = 0) -> tuple[SessionInfo, bool]:
         """Create a session; return (info, created).
 
         ``initial`` records are appended, and ``closed`` applied, as part of
@@ -138,10 +139,14 @@ class Broker:
         TTL, expiry and closed state returns it with ``created`` False (and
         appends nothing); any difference raises SessionExists.  ``ttl_s`` is a
         sliding window: the session expires ``ttl_s`` after its last use.
+        ``publisher`` is stamped on the initial records, except the first
+        ``copied`` (a fork's copy of its source, which this caller did not write).
         """
         result: tuple[SessionInfo, bool] = await self._call(name, "create", {
             "content_type": content_type, "ttl_s": ttl_s, "expires_at": expires_at,
-            "extra": extra or {}, "closed": closed, "initial": list(initial)})
+            "extra": extra or {}, "closed": closed, "initial": list(initial),
+            "pub": None if publisher is None else Publish(MESSAGE, publisher),
+            "copied": copied})
         return result
 
     async def append(self, name: str, payload: bytes) -> int:
@@ -150,15 +155,19 @@ class Broker:
         return offsets.start
 
     async def append_many(self, name: str, payloads: Sequence[bytes], *,
-                          seq: str | None = None) -> range:
+                          seq: str | None = None, publisher: str | None = None) -> range:
         """Append records atomically as one run of consecutive offsets.
 
         With ``seq`` (writer coordination, Durable Streams' Stream-Seq), the
         append is refused with SequenceConflict unless ``seq`` sorts after the
-        last one accepted on this session.
+        last one accepted on this session.  ``publisher`` goes in each
+        record's header, as ``publish`` puts it.
         """
+        pub = None if publisher is None else Publish(MESSAGE, publisher)
         if seq is not None:
-            offsets: range = await self._call(name, "append_seq", (list(payloads), seq))
+            offsets: range = await self._call(name, "append_seq", (list(payloads), seq, pub))
+        elif pub is not None:
+            offsets = await self._call(name, "publish", (list(payloads), pub, None))
         else:
             offsets = await self._call(name, "append", list(payloads))
         return offsets
@@ -211,7 +220,8 @@ class Broker:
         return actor
 
     async def produce(self, name: str, payloads: Sequence[bytes], *, producer: str,
-                      epoch: int, seq: int, close: bool = False) -> ProduceResult:
+                      epoch: int, seq: int, close: bool = False,
+                      publisher: str | None = None) -> ProduceResult:
         """An idempotent producer's append (Kafka-style exactly-once retries).
 
         ``(producer, epoch, seq)`` is checked against the producer's last
@@ -219,10 +229,12 @@ class Broker:
         appending again; see ProduceResult for the refusals.  ``close`` closes
         the session after the records (with no records: a close that takes
         part in the producer's sequence).  The producer table survives
-        restarts: it is rebuilt from stamps in the log.
+        restarts: it is rebuilt from stamps in the log.  ``publisher`` goes in
+        each record's header next to the stamp.
         """
+        pub = None if publisher is None else Publish(MESSAGE, publisher)
         result: ProduceResult = await self._call(
-            name, "produce", (list(payloads), producer, epoch, seq, close))
+            name, "produce", (list(payloads), producer, epoch, seq, close, pub))
         return result
 
     async def info(self, name: str, *, touch: bool = False) -> SessionInfo:

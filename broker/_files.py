@@ -36,7 +36,7 @@ class FileCache:
             return fd
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._fds[path] = fd
-        self._evict()
+        self._evict(keep=path)
         return fd
 
     def pin(self, path: str) -> int:
@@ -52,13 +52,16 @@ class FileCache:
             del self._pins[path]
             self._evict()
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str | None = None) -> None:
+        """Close the least recently used descriptors down to ``max_open``,
+        sparing pinned ones and ``keep`` (the one being handed out): when
+        everything else is pinned the cache goes over its cap for a while."""
         if len(self._fds) <= self.max_open:
             return
         for path in list(self._fds):
             if len(self._fds) <= self.max_open:
                 break
-            if path not in self._pins:
+            if path not in self._pins and path != keep:
                 os.close(self._fds.pop(path))
 
     def close(self, path: str) -> None:

@@ -47,7 +47,7 @@ from ._offsets import parse_offset_text
 from ._session import MAX_KIND, NOW, START
 
 U64_MAX: Final = (1 << 64) - 1
-MAX_CLIENT_ID: Final = 128
+MAX_CLIENT_ID: Final = 256         # characters; a token's sub (256 bytes at most) must fit
 EVENTS: Final = frozenset({"closed", "deleted", "epoch_changed"})
 
 # An HTTP offset, "<reserved>_<record>".  [0-9], not \d: \d also matches other
@@ -117,6 +117,16 @@ def _str(obj: object, attr: str, min_len: int = 0, max_len: int | None = None,
         else:
             want = "a non-empty string" if min_len else "a string"
         raise _fail(obj, attr, want)
+
+
+def _seconds(obj: object, attr: str, optional: bool = False, zero: bool = False) -> None:
+    """A finite number of seconds, positive (or, with ``zero``, not negative)."""
+    v = getattr(obj, attr)
+    if v is None and optional:
+        return
+    if type(v) not in (int, float) or not (0 <= v if zero else 0 < v) or v == float("inf"):
+        raise _fail(obj, attr, "a number of seconds >= 0" if zero
+                    else "a positive number of seconds")
 
 
 def _bool(obj: object, attr: str) -> None:
@@ -292,6 +302,18 @@ class Credit:
 
 
 @dataclass(frozen=True, slots=True)
+class Refresh:
+    """A fresh token for the same ``sub``, sent before the current one expires."""
+
+    id: int
+    token: str
+
+    def __post_init__(self) -> None:
+        _int(self, "id")
+        _str(self, "token", min_len=1)
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """Sent both ways: the server's carry an ``id``, a client's may."""
 
@@ -318,15 +340,37 @@ class Welcome:
     connection: str          # an opaque id the server gives the connection
     heartbeat: float         # seconds between the server's pings
     max_message: int         # bytes
+    ttl: float | None = None # seconds until the token expires; None: no token, or no expiry
 
     def __post_init__(self) -> None:
         _int(self, "version", 1, U64_MAX)
         _str(self, "client", 1, MAX_CLIENT_ID)
         _str(self, "connection", min_len=1)
-        h = self.heartbeat
-        if type(h) not in (int, float) or not 0 < h < float("inf"):
-            raise _fail(self, "heartbeat", "a positive number of seconds")
+        _seconds(self, "heartbeat")
         _int(self, "max_message", 1, U64_MAX)
+        _seconds(self, "ttl", optional=True, zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """The refresh's token is now the connection's; ``ttl`` as in ``welcome``."""
+
+    id: int
+    ttl: float | None = None
+
+    def __post_init__(self) -> None:
+        _int(self, "id")
+        _seconds(self, "ttl", optional=True, zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Expiring:
+    """The token expires in ``ttl`` seconds: send ``refresh`` before then."""
+
+    ttl: float
+
+    def __post_init__(self) -> None:
+        _seconds(self, "ttl", zero=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,19 +474,23 @@ class Error:
     message: str
     session: str | None = None   # set when the error concerns one session
     id: int | None = None        # set when it answers one request
+    retry_after: float | None = None  # seconds, when the same request would pass later
 
     def __post_init__(self) -> None:
         _str(self, "code", min_len=1)
         _str(self, "message")
         _str(self, "session", min_len=1, optional=True)
         _int(self, "id", optional=True)
+        _seconds(self, "retry_after", optional=True, zero=True)
 
 
-Frame = (Hello | Attach | Detach | Publish | Signal | Credit | Ping | Pong
-         | Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Error)
+Frame = (Hello | Attach | Detach | Publish | Signal | Credit | Refresh | Ping | Pong
+         | Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Refreshed | Expiring
+         | Error)
 # What each side may send (Ping and Pong go both ways); usable with isinstance.
-ClientFrame = Hello | Attach | Detach | Publish | Signal | Credit | Ping | Pong
-ServerFrame = Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Error | Ping | Pong
+ClientFrame = Hello | Attach | Detach | Publish | Signal | Credit | Refresh | Ping | Pong
+ServerFrame = (Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Refreshed
+               | Expiring | Error | Ping | Pong)
 
 
 # ---------------------------------------------------------------- the wire table
@@ -455,6 +503,7 @@ _WIRE: Final[dict[type, tuple[str, dict[str, str]]]] = {
     Publish:  ("publish",    {"session": "s", "records": "r"}),
     Signal:   ("signal",     {"session": "s", "payload": "r"}),
     Credit:   ("credit",     {"session": "s"}),
+    Refresh:  ("refresh",    {}),
     Ping:     ("ping",       {}),
     Pong:     ("pong",       {}),
     Welcome:  ("welcome",    {"version": "v", "connection": "conn"}),
@@ -464,6 +513,8 @@ _WIRE: Final[dict[type, tuple[str, dict[str, str]]]] = {
     Data:     ("data",       {"session": "s", "records": "r"}),
     UpToDate: ("up_to_date", {"session": "s"}),
     Event:    ("event",      {"session": "s", "event": "e"}),
+    Refreshed: ("refreshed", {}),
+    Expiring: ("expiring",   {}),
     Error:    ("error",      {"session": "s"}),
 }
 

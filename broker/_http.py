@@ -11,10 +11,17 @@ for the grammar.  The Trio side only moves bytes: one task per connection reads
 A request that asks to switch protocols comes back with ``upgrade`` set, and
 the bytes after it in ``RequestReader.leftover``: the WebSocket side
 (_ws.py) takes the connection from there.
+
+The reader also says where it is in the current message (``phase``: between
+messages, inside a request head, or inside a body), so the connection task can
+apply the right deadline to its next read (_server.py) without parsing
+anything itself.  A body bigger than ``max_body_bytes`` is refused (413) as
+soon as its Content-Length says so, or as soon as a chunked body passes it.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +33,14 @@ import trio
 log = logging.getLogger("broker.http")
 
 MAX_HEADER_BYTES = 64 * 1024
-MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024       # the default; HttpLimits.max_body_bytes sets it
+
+
+class Phase(enum.Enum):
+    """Where the reader is: what the bytes it waits for belong to."""
+    IDLE = "idle"        # between requests: nothing of the next one has arrived
+    HEAD = "head"        # the request line and headers are arriving
+    BODY = "body"        # the headers are complete; the body is arriving
 
 
 @dataclass(slots=True)
@@ -58,17 +72,23 @@ class BadRequest(Exception):
 class RequestReader:
     """Bytes in, whole requests out. No I/O."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.phase = Phase.IDLE
         self._parser = httptools.HttpRequestParser(self)
         self._current: Request | None = None
         self._url = bytearray()
         self._header_bytes = 0
         self._ready: list[Request] = []
         self.leftover = b""      # after an upgrade request: the bytes that followed it
+        # Garbage after whole requests in the same feed: those requests are
+        # answered first, then this, and the connection closes.
+        self.error: BadRequest | None = None
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._current = Request("", "")
+        self.phase = Phase.HEAD
         self._url.clear()
         self._header_bytes = 0
 
@@ -78,22 +98,30 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._current is not None
-        self._current.headers.append((name.lower(), value))
         self._count(len(name) + len(value))
+        if self.phase is Phase.BODY:
+            # A chunked body's trailer.  Nothing here reads trailers, and
+            # merged into the headers one could smuggle in what the head
+            # did not say (an Authorization, a Content-Type).
+            return
+        self._current.headers.append((name.lower(), value))
 
     def on_body(self, body: bytes) -> None:
         assert self._current is not None
-        if len(self._current.body) + len(body) > MAX_BODY_BYTES:
-            raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes", 413, "body_too_large")
+        if len(self._current.body) + len(body) > self.max_body_bytes:
+            raise self._too_large()
         self._current.body += body
 
     def on_headers_complete(self) -> None:
         assert self._current is not None
+        self.phase = Phase.BODY
         for name, value in self._current.headers:
             if name == b"content-length" and value.strip().isdigit() \
-                    and int(value) > MAX_BODY_BYTES:
-                raise BadRequest(f"body larger than {MAX_BODY_BYTES} bytes", 413,
-                                 "body_too_large")
+                    and int(value) > self.max_body_bytes:
+                raise self._too_large()
+
+    def _too_large(self) -> BadRequest:
+        return BadRequest(f"body larger than {self.max_body_bytes} bytes", 413, "body_too_large")
 
     def on_message_complete(self) -> None:
         req = self._current
@@ -103,14 +131,29 @@ class RequestReader:
         req.keep_alive = self._parser.should_keep_alive()
         self._ready.append(req)
         self._current = None
+        self.phase = Phase.IDLE
 
     def _count(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:
             raise BadRequest("headers too large")
 
-    def feed(self, data: bytes) -> list[Request]:
-        """Parse ``data``; return the requests it completed. Raises BadRequest."""
+    def feed(self, data: bytes | bytearray) -> list[Request]:
+        """Parse ``data``; return the requests it completed.  Raises BadRequest
+        if the bytes are bad before any request completed; if some did, they are
+        returned and the error is kept in ``error``, to be answered after them."""
+        if self.error is not None:
+            raise self.error
+        try:
+            self._feed(data)
+        except BadRequest as exc:
+            if not self._ready:
+                raise
+            self.error = exc
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _feed(self, data: bytes | bytearray) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -127,14 +170,12 @@ class RequestReader:
             raise BadRequest(str(exc)) from None
         except httptools.HttpParserError as exc:
             raise BadRequest(str(exc)) from None
-        ready, self._ready = self._ready, []
-        return ready
 
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
-            400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-            405: "Method Not Allowed", 409: "Conflict", 410: "Gone",
-            413: "Content Too Large", 500: "Internal Server Error",
+            400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 410: "Gone",
+            413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable"}
 
 # Sent on every response: CORS for browsers, and the security headers the
@@ -148,7 +189,7 @@ _COMMON = (
     b"access-control-expose-headers: Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, "
     b"Stream-Closed, Stream-Earliest-Offset, Producer-Epoch, Producer-Seq, "
     b"Producer-Expected-Seq, Producer-Received-Seq, etag, content-type, content-encoding, "
-    b"vary\r\n"
+    b"vary, retry-after, www-authenticate\r\n"
     b"x-content-type-options: nosniff\r\n"
     b"cross-origin-resource-policy: cross-origin\r\n"
 )
@@ -216,5 +257,11 @@ class Responder:
 
 
 def error_response(exc: BadRequest) -> bytes:
-    return response(exc.status, error_body(exc.code, str(exc)), keep_alive=False)
+    return closing_error(exc.status, exc.code, str(exc))
+
+
+def closing_error(status: int, code: str, message: str,
+                  headers: Headers | None = None) -> bytes:
+    """An error after which the server closes the connection (``connection: close``)."""
+    return response(status, error_body(code, message), keep_alive=False, headers=headers)
 

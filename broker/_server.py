@@ -12,11 +12,35 @@ that connection is closed; no other connection notices.
 Routes: ``/healthz``; the Durable Streams API under ``/v1/stream/`` (_streams.py);
 the WebSocket upgrade at ``/v1/ws``, after which the connection belongs to
 _ws.py.
+
+Limits (``HttpLimits``, docs in docs/security.md):
+
+* TLS: with an ``ssl_context`` each connection is wrapped in an ``SSLStream``
+  and handshaken before anything else, so HTTPS and WSS share the port.  The
+  first byte is peeked first: a plain-HTTP client gets a plain 400 instead of
+  a broken handshake.  A failed or slow handshake closes that connection only.
+* Connections: ``connections`` counts the live connection tasks (HTTP and
+  upgraded WebSocket alike).  One that arrives when the count is at
+  ``max_connections`` gets a 503 and is closed without its request being read.
+* Deadlines on reads, never on answers: each read from a connection has a
+  deadline chosen by where the reader is (``RequestReader.phase``).  The first
+  request's head must be complete within ``header_timeout_s`` of the connection
+  opening (a TLS handshake included), every later head within
+  ``header_timeout_s`` of its first byte, and each read inside a body within
+  ``header_timeout_s`` of the one before; otherwise 408.  Between requests a
+  keep-alive connection may sit idle for ``keepalive_timeout_s``, then it is
+  closed without a word.  While a request is being answered (a long-poll, an
+  SSE stream) the connection is not read at all, so no deadline runs; an
+  upgraded WebSocket has its own hello timeout and heartbeat.
+* Publish rate: each connection has a token bucket; a POST under
+  ``/v1/stream/`` takes a token or gets a 429 with Retry-After, unstored.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import ssl
 
 import trio
@@ -24,15 +48,17 @@ import trio
 from ._broker import Broker
 from ._http import (
     BadRequest,
+    Phase,
     Request,
     RequestReader,
     Responder,
+    closing_error,
     error,
     error_body,
     error_response,
     response,
 )
-from ._limits import HttpLimits
+from ._limits import HttpLimits, TokenBucket
 from ._handshake import HandshakeError, server_handshake
 from ._streams import STREAM_PREFIX, StreamsApi
 from ._ws import WS_PATH, WsServer
@@ -48,6 +74,10 @@ def make_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+_TLS_HANDSHAKE = 0x16      # the first byte of every TLS connection (a handshake record)
+_RETRY_AFTER_FULL_S = 1    # what a client refused for too many connections is told to wait
+
+
 class HttpServer:
     """Routes requests: /healthz, and the Durable Streams API under /v1/stream/."""
 
@@ -60,6 +90,7 @@ class HttpServer:
         self.limits = limits or HttpLimits()
         self.ssl_context = ssl_context
         self.closing = False          # set on shutdown: finish the current request, then close
+        self.connections = 0          # live connection tasks, refused ones too while they last
 
     async def handle(self, req: Request, out: Responder) -> None:
         path = req.target.split("?", 1)[0]
@@ -76,49 +107,149 @@ class HttpServer:
             await out.send(response(404, error_body("not_found", f"no route for {path}"),
                                     keep_alive=req.keep_alive))
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
-        """One connection's task.  Whatever happens on it stays on it: an
-        error here must never reach the listener, which would stop serving."""
+    async def serve_connection(self, tcp: trio.SocketStream) -> None:
+        """One connection's task: what ``trio.serve_tcp`` calls.  Whatever
+        happens on it stays on it: an error here must never reach the
+        listener, which would stop serving."""
+        deadline = trio.current_time() + self.limits.header_timeout_s
+        # Refused connections count while they last, so a flood of them is
+        # refused too rather than let through while earlier ones close.
+        refused = self.connections >= self.limits.max_connections
+        self.connections += 1
+        stream: trio.abc.Stream = tcp
         try:
-            await self._serve_connection(stream)
+            if self.ssl_context is not None:
+                secured = await self._handshake(tcp, self.ssl_context, deadline)
+                if secured is None:
+                    return
+                stream = secured
+            if refused:
+                await self._send_closing(stream, closing_error(
+                    503, "too_many_connections",
+                    f"the server is at its limit of {self.limits.max_connections} connections",
+                    headers=[("retry-after", str(_RETRY_AFTER_FULL_S))]))
+                return
+            await self._serve_connection(stream, deadline)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass                    # the client went away
         except Exception:
             log.exception("connection failed")
+        finally:
+            self.connections -= 1
+            # aclose closes the transport even if cancelled; the bound only
+            # stops a TLS close_notify from waiting on a peer that never reads.
+            with trio.move_on_after(1):
+                await stream.aclose()
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        reader = RequestReader()
-        try:
-            async with stream:
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    try:
-                        requests = reader.feed(data)
-                    except BadRequest as exc:
-                        await stream.send_all(error_response(exc))
-                        return
-                    for req in requests:
-                        if req.upgrade and req.target.split("?", 1)[0] == WS_PATH:
-                            await self._upgrade(stream, req, reader.leftover)
-                            return
-                        out = Responder(stream, req.method)
-                        try:
-                            await self.handle(req, out)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return          # the client went away mid-response
-                        except Exception:
-                            log.exception("%s %s failed", req.method, req.target)
-                            if not out.sent:
-                                await stream.send_all(error(500, "internal", "internal error"))
-                            return
-                        if not req.keep_alive or self.closing or req.upgrade:
-                            return      # shutting down: no more requests on this one
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    async def _handshake(self, tcp: trio.SocketStream, context: ssl.SSLContext,
+                         deadline: float) -> trio.SSLStream[trio.SocketStream] | None:
+        """The TLS stream over ``tcp``, handshaken by ``deadline``; None when
+        the connection is to be dropped (after a 400 to a plain-HTTP client)."""
+        with trio.move_on_at(deadline):
+            try:
+                # Peeked, not read: the handshake reads it again.
+                first = await tcp.socket.recv(1, socket.MSG_PEEK)
+            except OSError as exc:
+                log.debug("connection lost before TLS: %r", exc)
+                return None
+            if not first:
+                return None
+            if first[0] != _TLS_HANDSHAKE:
+                # Read what came, so the close is a FIN after the answer and
+                # not a reset that could destroy it.
+                await tcp.receive_some(65536)
+                await self._send_closing(tcp, closing_error(
+                    400, "tls_required", "this port speaks TLS: use https:// or wss://"))
+                return None
+            tls = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                log.debug("TLS handshake failed: %r", exc.__cause__ or exc)
+                return None
+            return tls
+        log.debug("TLS handshake not done within %.1f s", self.limits.header_timeout_s)
+        return None
 
+    async def _send_closing(self, stream: trio.abc.Stream, data: bytes) -> None:
+        """A last answer before the connection closes, bounded: a peer that
+        does not read cannot keep the connection by it."""
+        with trio.move_on_after(self.limits.header_timeout_s):
+            await stream.send_all(data)
 
+    async def _serve_connection(self, stream: trio.abc.Stream, deadline: float) -> None:
+        limits = self.limits
+        reader = RequestReader(limits.max_body_bytes)
+        bucket = TokenBucket(limits.publish_rate, limits.publish_burst) \
+            if limits.publish_rate > 0 else None
+        served = False          # a request was answered: idling now is keep-alive
+        while True:
+            data: bytes | bytearray | None = None
+            with trio.move_on_at(deadline):
+                data = await stream.receive_some(65536)
+            if data is None:
+                if reader.phase is Phase.IDLE and served:
+                    return          # an idle keep-alive connection: closed without a word
+                what = "request body" if reader.phase is Phase.BODY else "request head"
+                await self._send_closing(stream, closing_error(
+                    408, "request_timeout",
+                    f"the {what} did not arrive within {limits.header_timeout_s:g} s"))
+                return
+            if not data:
+                return
+            before = reader.phase
+            try:
+                requests = reader.feed(data)
+            except BadRequest as exc:
+                await stream.send_all(error_response(exc))
+                return
+            for req in requests:
+                if req.upgrade and req.target.split("?", 1)[0] == WS_PATH:
+                    await self._upgrade(stream, req, reader.leftover)
+                    return
+                out = Responder(stream, req.method)
+                try:
+                    wait = self._rate_wait(req, bucket)
+                    if wait:
+                        await out.send(error(
+                            429, "rate_limited", f"at most {limits.publish_rate:g} appends per "
+                            "second on one connection",
+                            headers=[("retry-after", str(max(1, math.ceil(wait))))]))
+                    else:
+                        await self.handle(req, out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return          # the client went away mid-response
+                except Exception:
+                    # The path only: a query may hold a token.
+                    log.exception("%s %s failed", req.method, req.target.split("?", 1)[0])
+                    if not out.sent:
+                        await stream.send_all(error(500, "internal", "internal error"))
+                    return
+                if not req.keep_alive or self.closing or req.upgrade:
+                    return      # shutting down: no more requests on this one
+            if reader.error is not None:        # garbage after those requests
+                await stream.send_all(error_response(reader.error))
+                return
+            # The next read's deadline; a phase that goes on keeps its own.
+            now = trio.current_time()
+            phase = reader.phase
+            if phase is Phase.BODY:
+                deadline = now + limits.header_timeout_s        # per read of a body
+            elif requests or (served and before is Phase.IDLE and phase is Phase.HEAD):
+                # Timed from now, not from when the bytes came: a head
+                # pipelined behind a long answer starts its clock here.
+                deadline = now + (limits.keepalive_timeout_s if phase is Phase.IDLE
+                                  else limits.header_timeout_s)
+            served = served or bool(requests)
 
-    async def _upgrade(self, stream: trio.SocketStream, req: Request, leftover: bytes) -> None:
+    @staticmethod
+    def _rate_wait(req: Request, bucket: TokenBucket | None) -> float:
+        """0 if ``req`` may go ahead, else the seconds until it could."""
+        if bucket is None or req.method != "POST" or not req.target.startswith(STREAM_PREFIX):
+            return 0.0
+        return bucket.take()
+
+    async def _upgrade(self, stream: trio.abc.Stream, req: Request, leftover: bytes) -> None:
         try:
             accepted = server_handshake(req.method, req.headers)
         except HandshakeError as exc:

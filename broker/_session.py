@@ -309,6 +309,12 @@ class SessionActor:
     async def _open(self) -> None:
         # meta.json is a few hundred bytes: read inline rather than pay a thread hop.
         meta = load_meta(self.directory)
+        if meta is not None and meta.name != self.name:
+            # Two names in one directory: dir_name maps names apart, so this is
+            # a damaged or planted meta.json.  Never serve one session's log
+            # under another's name.
+            raise StorageError(f"session {self.name!r}: {self.directory} holds "
+                               f"{meta.name!r}'s meta.json")
         if meta is not None:
             log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
                                                 self._cfg)
@@ -483,7 +489,8 @@ class SessionActor:
             if kind in ("append", "append_seq", "produce", "publish", "close", "set_extra"):
                 self.touch()
             if kind == "publish":
-                # The WebSocket path: records with headers, maybe idempotent.
+                # Records with headers (a WebSocket publish, or an HTTP append
+                # stamped with its token's sub), maybe idempotent.
                 payloads, pub, producer = arg
                 if producer is None:
                     self._check_append(payloads)
@@ -514,14 +521,15 @@ class SessionActor:
             if kind == "append_seq":
                 # Writer coordination: the sequence must rise (as a string).
                 # It is made durable in the same commit that acknowledges the data.
-                arg, seq = arg
-                self._check_append(arg)
+                payloads, seq, pub = arg
+                self._check_append(payloads)
                 assert self.meta is not None
                 last = self._seq if self._seq is not None else self.meta.extra.get("stream_seq")
                 if isinstance(last, str) and seq <= last:
                     raise SequenceConflict(seq, last)
                 self._seq = seq
-                kind = "append"
+                self._queue(reply, batch, payloads, None, pub)
+                return
             if kind == "append":
                 self._check_append(arg)
                 self._queue(reply, batch, arg, None)
@@ -762,7 +770,8 @@ class SessionActor:
 
     async def _do_create(self, content_type: str, ttl_s: float | None,
                          expires_at: float | None, extra: dict[str, Any], closed: bool,
-                         initial: list[bytes]) -> tuple[SessionInfo, bool]:
+                         initial: list[bytes], pub: Publish | None = None,
+                         copied: int = 0) -> tuple[SessionInfo, bool]:
         if self.meta is not None:
             m = self.meta
             if media_type(m.content_type) != media_type(content_type):
@@ -790,7 +799,8 @@ class SessionActor:
         if initial:
             self._check_append(initial)
             batch: list[bytes] = []
-            self._queue(Reply(), batch, initial, None)
+            self._queue(Reply(), batch, initial[:copied], None)
+            self._queue(Reply(), batch, initial[copied:], None, pub)
             self._write(batch)
             if not await self._commit():
                 raise StorageError("the session's storage failed; retry")

@@ -22,6 +22,15 @@ offset of the next record to read, zero-padded so strings sort like numbers.
 The part before ``_`` is reserved (always 0 today).  They are the broker's own
 record offsets, so they survive restarts and mean the same thing on every
 transport.  ``-1`` means the oldest retained record and ``now`` the tail.
+
+With token auth on (_auth.py), every request but a CORS preflight carries a
+token, as ``Authorization: Bearer`` or, for EventSource, ``?token=``.  A
+missing or bad token is a 401; a good one is checked for every operation the
+request needs (``_operations``) before the stream is looked up, so a 403 never
+tells whether the stream exists.  The token's ``sub`` is stamped as the
+publisher of the records the request appends, and a live read (long-poll,
+SSE) ends by the token's expiry: the client comes back with a fresh token and
+the offset it got.
 """
 
 from __future__ import annotations
@@ -41,7 +50,17 @@ from typing import Any
 import trio
 
 from . import _core
-from ._auth import Authenticator
+from ._auth import (
+    APPEND,
+    CREATE,
+    DELETE,
+    OPEN,
+    READ,
+    AuthError,
+    Authenticator,
+    Forbidden,
+    Principal,
+)
 from ._broker import Broker, Subscription
 from ._errors import (
     BrokerError,
@@ -117,7 +136,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _json_records(body: bytes, allow_empty: bool) -> list[bytes]:
+def _json_records(body: bytes, allow_empty: bool, limit: int) -> list[bytes]:
     try:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
@@ -125,6 +144,9 @@ def _json_records(body: bytes, allow_empty: bool) -> list[bytes]:
     items = value if isinstance(value, list) else [value]
     if not items and not allow_empty:
         raise _Fail(400, "empty_array", "an empty JSON array appends nothing")
+    if len(items) > limit:
+        raise _Fail(413, "batch_too_large",
+                    f"{len(items)} records in one request; the limit is {limit}")
     try:
         return [json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()
                 for v in items]
@@ -192,23 +214,39 @@ class StreamsApi:
         name = urllib.parse.unquote(path[len(STREAM_PREFIX):])
         params = urllib.parse.parse_qs(query, keep_blank_values=True)
         try:
+            if req.method == "OPTIONS":
+                # A CORS preflight carries no credentials, by the Fetch standard.
+                await out.send(response(204, b""))
+                return
+            who = self.auth.verify(_token(req, params)) if self.auth.enabled else OPEN
             if not name:
                 raise _Fail(404, "not_found", "no stream named")
+            if req.method not in _OPERATIONS:
+                raise _Fail(405, "method_not_allowed", f"{req.method} is not supported")
+            # Before any lookup, so a refusal is the same whether or not the
+            # stream exists.
+            for session, operation in _operations(name, req):
+                who.check(session, operation)
             if req.method == "PUT":
-                await self._put(name, req, out)
+                await self._put(name, req, who, out)
             elif req.method == "POST":
-                await self._post(name, req, out)
+                await self._post(name, req, who, out)
             elif req.method == "HEAD":
                 await self._head(name, out)
             elif req.method == "GET":
-                await self._get(name, req, params, out)
-            elif req.method == "DELETE":
+                await self._get(name, req, params, who, out)
+            else:
                 await self._delete(name)
                 await out.send(response(204, b""))
-            elif req.method == "OPTIONS":
-                await out.send(response(204, b""))
-            else:
-                raise _Fail(405, "method_not_allowed", f"{req.method} is not supported")
+        except AuthError as exc:
+            challenge = 'Bearer realm="broker"'
+            if exc.code != "unauthorized":
+                challenge += ', error="invalid_token"'
+            await _answer(out, error(exc.status, exc.code, exc.message,
+                                     [("www-authenticate", challenge)]))
+        except Forbidden as exc:
+            await _answer(out, error(exc.status, exc.code, exc.message, [
+                ("www-authenticate", 'Bearer realm="broker", error="insufficient_scope"')]))
         except _Fail as f:
             await _answer(out, error(f.status, f.code, str(f), f.headers))
         except (SessionNotFound, SessionDeleted):
@@ -232,7 +270,7 @@ class StreamsApi:
 
     # ------------------------------------------------------------ PUT
 
-    async def _put(self, name: str, req: Request, out: Responder) -> None:
+    async def _put(self, name: str, req: Request, who: Principal, out: Responder) -> None:
         source = req.header(b"stream-forked-from")
         fork_offset_h = req.header(b"stream-fork-offset")
         sub_h = req.header(b"stream-fork-sub-offset")
@@ -279,13 +317,14 @@ class StreamsApi:
         if source is not None:
             info, created = await self._fork(
                 name, _stream_name(source), raw_ct if _CT_RE.match(raw_ct.strip()) else None,
-                ttl, expires, extra, closed, body, fork_offset, sub, existing)
+                ttl, expires, extra, closed, body, fork_offset, sub, existing, who.sub)
         else:
-            initial = (_json_records(body, allow_empty=True) if body and _is_json(ct)
-                       else [body] if body else [])
+            initial = (_json_records(body, True, self.max_batch_records)
+                       if body and _is_json(ct) else [body] if body else [])
             info, created = await self.broker.create(name, content_type=ct, ttl_s=ttl,
                                                      expires_at=expires, extra=extra,
-                                                     closed=closed, initial=initial)
+                                                     closed=closed, initial=initial,
+                                                     publisher=who.sub)
         headers: Headers = [("content-type", info.content_type),
                             ("Stream-Next-Offset", format_offset(info.next_offset))]
         if created:
@@ -309,8 +348,8 @@ class StreamsApi:
 
     async def _fork(self, name: str, source: str, ct: str | None, ttl: float | None,
                     expires: float | None, extra: dict[str, Any], closed: bool, body: bytes,
-                    fork_offset: int | None, sub: int,
-                    existing: SessionInfo | None) -> tuple[SessionInfo, bool]:
+                    fork_offset: int | None, sub: int, existing: SessionInfo | None,
+                    publisher: str | None) -> tuple[SessionInfo, bool]:
         async with self._fork_lock:
             if existing is not None:
                 e = existing.extra
@@ -348,8 +387,9 @@ class StreamsApi:
                     if sub > len(first):
                         raise _Fail(400, "bad_fork", "the sub-offset overshoots the message")
                     records.append(first[:sub])
+            copied = len(records)
             if body:
-                records += (_json_records(body, allow_empty=True)
+                records += (_json_records(body, True, self.max_batch_records)
                             if _is_json(src.content_type) else [body])
             if ttl is None and expires is None:
                 ttl, expires = src.ttl_s, src.expires_at
@@ -358,7 +398,8 @@ class StreamsApi:
             extra.update(forked_from=source, fork_offset=at, fork_sub_offset=sub)
             info, created = await self.broker.create(
                 name, content_type=src.content_type, ttl_s=ttl, expires_at=expires,
-                extra=extra, closed=closed, initial=records)
+                extra=extra, closed=closed, initial=records, publisher=publisher,
+                copied=copied)
             forks = [f for f in src.extra.get("forks", []) if f != name] + [name]
             await self.broker.set_extra(source, {"forks": forks})
             return info, created
@@ -439,7 +480,7 @@ class StreamsApi:
 
     # ----------------------------------------------------------- POST
 
-    async def _post(self, name: str, req: Request, out: Responder) -> None:
+    async def _post(self, name: str, req: Request, who: Principal, out: Responder) -> None:
         producer = _producer_headers(req)
         seq = req.header(b"stream-seq")
         close = (req.header(b"stream-closed") or "").lower() == "true"
@@ -448,7 +489,8 @@ class StreamsApi:
         await self._check_gone(info)
         if not body and close and producer is not None:
             result = await self.broker.produce(name, [], producer=producer[0],
-                                               epoch=producer[1], seq=producer[2], close=True)
+                                               epoch=producer[1], seq=producer[2], close=True,
+                                               publisher=who.sub)
             await self._produced(name, result, producer, out)
             return
         if not body:
@@ -465,14 +507,15 @@ class StreamsApi:
         if media_type(ct) != media_type(info.content_type):
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
-        records = _json_records(body, allow_empty=False) if _is_json(ct) else [body]
+        records = _json_records(body, False, self.max_batch_records) if _is_json(ct) else [body]
         if producer is not None:
             result = await self.broker.produce(name, records, producer=producer[0],
-                                               epoch=producer[1], seq=producer[2], close=close)
+                                               epoch=producer[1], seq=producer[2], close=close,
+                                               publisher=who.sub)
             await self._produced(name, result, producer, out)
             return
         try:
-            offsets = await self.broker.append_many(name, records, seq=seq)
+            offsets = await self.broker.append_many(name, records, seq=seq, publisher=who.sub)
         except SessionClosed:
             raise await self._closed(name) from None
         headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop))]
@@ -522,7 +565,7 @@ class StreamsApi:
     # ------------------------------------------------------------ GET
 
     async def _get(self, name: str, req: Request, params: dict[str, list[str]],
-                   out: Responder) -> None:
+                   who: Principal, out: Responder) -> None:
         offsets = params.get("offset")
         if offsets is not None and len(offsets) > 1:
             raise _Fail(400, "bad_offset", "more than one offset parameter")
@@ -538,8 +581,11 @@ class StreamsApi:
         cursor = params.get("cursor", [None])[0]
         info = await self.broker.info(name, touch=True)
         await self._check_gone(info)
+        # A live read ends by the token's expiry at the latest: the client
+        # then comes back with a fresh token and its offset.
+        expiry = who.seconds_left(self.auth.clock())
         if live == "sse":
-            await self._sse(name, info, offset, cursor, out)
+            await self._sse(name, info, offset, cursor, expiry, out)
             return
         ct = info.content_type
         if offset == NOW and live is None:
@@ -554,7 +600,8 @@ class StreamsApi:
         async with self.broker.subscribe(name, offset) as sub:
             batch = await sub.next(wait=False)
             if not batch and live == "long-poll" and not sub.finished:
-                with self._live_wait(trio.current_time() + self.long_poll_timeout_s):
+                with self._live_wait(trio.current_time()
+                                     + min(self.long_poll_timeout_s, expiry)):
                     batch = await sub.next()
             info = await self.broker.info(name)
             nxt = format_offset(sub.offset)
@@ -581,7 +628,7 @@ class StreamsApi:
     # ------------------------------------------------------------ SSE
 
     async def _sse(self, name: str, info: SessionInfo, offset: int, cursor: str | None,
-                   out: Responder) -> None:
+                   expiry: float, out: Responder) -> None:
         ct = info.content_type
         binary = not _is_text(ct)
         headers: Headers = [("content-type", "text/event-stream"),
@@ -591,16 +638,17 @@ class StreamsApi:
         async with self.broker.subscribe(name, offset) as sub:
             await out.start(200, headers)
             try:
-                await self._sse_events(name, sub, ct, binary, cursor, out)
+                await self._sse_events(name, sub, ct, binary, cursor,
+                                       min(self.sse_max_s, expiry), out)
             except (SessionDeleted, EpochChanged, SessionNotFound):
                 pass                 # the stream went away: end the response
             await out.end()
 
     async def _sse_events(self, name: str, sub: Subscription, ct: str, binary: bool,
-                          cursor: str | None, out: Responder) -> None:
+                          cursor: str | None, lifetime: float, out: Responder) -> None:
         # Only the waits are cancelled (by the deadline or by shutdown), never a
         # write, so the chunked response always ends cleanly.
-        deadline = trio.current_time() + self.sse_max_s
+        deadline = trio.current_time() + lifetime
         while not self._closing:
             batch = await sub.next(wait=False)
             out_bytes = b""
@@ -631,6 +679,40 @@ class StreamsApi:
             if at_tail:
                 with self._live_wait(min(deadline, now + self.long_poll_timeout_s)):
                     await sub.wait()
+
+
+# ------------------------------------------------------------------- auth
+
+# What each method does to the stream it names.  A PUT with a body also
+# appends, and a fork also reads its source: see _operations.
+_OPERATIONS = {"GET": READ, "HEAD": READ, "POST": APPEND, "PUT": CREATE, "DELETE": DELETE}
+
+
+def _operations(name: str, req: Request) -> list[tuple[str, str]]:
+    """Every (session, operation) the request needs the token to allow."""
+    ops = [(name, _OPERATIONS[req.method])]
+    if req.method == "PUT":
+        if req.body:
+            ops.append((name, APPEND))
+        source = req.header(b"stream-forked-from")
+        if source is not None:
+            ops.append((_stream_name(source), READ))
+    return ops
+
+
+def _token(req: Request, params: dict[str, list[str]]) -> str | None:
+    """The bearer token: ``Authorization: Bearer``, or else ``?token=`` (an
+    EventSource cannot set headers).  Another scheme (Basic, for a proxy in
+    front) is not ours, and is passed over."""
+    header = req.header(b"authorization")
+    if header is not None:
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+    tokens = params.get("token")
+    if tokens is not None and len(tokens) > 1:
+        raise AuthError("token_invalid", "more than one token parameter")
+    return tokens[0] if tokens else None
 
 
 _UINT_RE = re.compile(r"\d{1,16}")

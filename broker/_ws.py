@@ -33,35 +33,64 @@ lags reads bigger batches, from the ring or from disk, and builds its own.
 
 Heartbeats: the writer sends a ``ping`` every ``heartbeat_s`` and closes the
 connection (4008) if the previous ping has not been answered by then.
+
+Tokens and limits
+-----------------
+``hello`` carries the token (or the upgrade URL does, ``?token=``, for
+browsers, which cannot set headers on a WebSocket); the verified
+``Principal`` is the connection's until a ``refresh`` replaces it, and its
+``sub`` is the client id, stamped as the publisher of every record.  Each
+request frame is checked against the principal's capabilities once, before
+the session is looked up, so a refusal says nothing about whether the session
+exists; nothing is checked per record.  The writer also keeps the connection's
+one timer, ``deadline``: the hello timeout until a hello is accepted, then
+the token's ``expiring`` warning and its expiry, in Trio time (the token's
+wall-clock ``exp`` turned into seconds left when it was verified).  A refresh
+moves the timer and applies the new capabilities at once: a subscription the
+new token may not read is ended with ``forbidden``.  Publishes and signals
+take their record count from the connection's token bucket, if a rate is set.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgpack
 import trio
 
 from . import _core, _frames
-from ._auth import Authenticator
+from ._auth import APPEND, CREATE, READ, Authenticator, AuthError, Forbidden, Principal
+from ._auth import SIGNAL as SIGNAL_OP
 from ._broker import Broker, Subscription
 from ._errors import (
     BrokerError,
     EpochChanged,
+    InvalidSessionName,
     OffsetTooOld,
     SessionDeleted,
     SessionNotFound,
 )
-from ._meta import is_json_text, media_type
+from ._limits import TokenBucket
+from ._meta import MAX_NAME_BYTES, check_name, is_json_text, media_type
 from ._session import SIGNAL, ProduceResult, Reply, SessionActor
 
 
 WS_PATH = "/v1/ws"
+
+# Close codes of our own (RFC 6455 leaves 4000-4999 to applications).
+CLOSE_HELLO = 4000          # hello missing or repeated
+CLOSE_AUTH = 4001           # hello not authenticated, token expired, or refreshed as another sub
+CLOSE_HELLO_TIMEOUT = 4002  # no accepted hello within hello_timeout_s
+CLOSE_HEARTBEAT = 4008      # a ping went unanswered
+
+_NOBODY = Principal(None, None, ())          # before hello: allowed nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +104,16 @@ class WsConfig:
     hello_timeout_s: float = 10.0        # a connection without an accepted hello is closed after
     publish_rate: float = 0.0            # records per second per connection; 0 is unlimited
     publish_burst: int = 0               # records saved in the bucket; 0 means max(1, rate)
+    expiry_warning_s: float = 60.0       # ``expiring`` this long before the token expires
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.max_message < 1024 or self.max_publish_records < 1:
             raise ValueError("heartbeat_s must be positive, max_message at least 1 KiB, "
                              "max_publish_records at least 1")
+        if (self.max_sessions < 1 or self.hello_timeout_s <= 0 or self.publish_rate < 0
+                or self.publish_burst < 0 or self.expiry_warning_s < 0):
+            raise ValueError("max_sessions and hello_timeout_s must be positive, the publish "
+                             "rate, burst and expiry warning not negative")
 
 
 _CACHE_ENTRIES = 32                 # frames kept per session
@@ -152,7 +186,7 @@ class WsServer:
     async def serve(self, stream: trio.abc.Stream, leftover: bytes, target: str = "") -> None:
         """Run one connection after its 101 response was sent.  ``target`` is
         the upgrade request's target, whose query may carry ``token=``."""
-        conn = _Conn(self, stream, f"{self._tag}-{next(self._ids)}")
+        conn = _Conn(self, stream, f"{self._tag}-{next(self._ids)}", _url_token(target))
         self._conns.add(conn)
         try:
             await conn.run(leftover)
@@ -178,6 +212,14 @@ class WsServer:
             fan.users -= 1
             if fan.users <= 0:
                 del self._fanouts[name]
+
+
+def _url_token(target: str) -> str | None:
+    """The ``token`` query parameter of the upgrade request, if any."""
+    query = urlsplit(target).query
+    if "token=" not in query:
+        return None
+    return next((v for k, v in parse_qsl(query) if k == "token"), None)
 
 
 def _frame(frame: _frames.Frame) -> bytes:
@@ -213,7 +255,8 @@ def _ack_frame(request_id: int, session: str, reply: Reply) -> bytes:
 
 
 class _Conn:
-    def __init__(self, server: WsServer, stream: trio.abc.Stream, conn_id: str) -> None:
+    def __init__(self, server: WsServer, stream: trio.abc.Stream, conn_id: str,
+                 url_token: str | None = None) -> None:
         self.server = server
         self.broker = server.broker
         self.cfg = server.config
@@ -228,7 +271,15 @@ class _Conn:
         self.wake = trio.Event()                 # set when there is something to send
         self.ready: dict[_Sub, None] = {}        # subscriptions to look at, in order
         self.subs: dict[str, _Sub] = {}
-        self.client: str | None = None           # set by hello
+        self.client: str | None = None           # set by an accepted hello
+        self.url_token = url_token               # ?token= of the upgrade; hello's wins
+        self.principal = _NOBODY                 # what the token allows; set by hello
+        self.expires_at = math.inf               # trio time at which the token expires
+        self.warn_at = math.inf                  # trio time to send ``expiring``, if not yet sent
+        # The writer's one timer: the hello timeout, then warn_at or expires_at.
+        self.deadline = trio.current_time() + self.cfg.hello_timeout_s
+        self.bucket = (TokenBucket(self.cfg.publish_rate, self.cfg.publish_burst)
+                       if self.cfg.publish_rate > 0 else None)
         self.awaiting_pong = False
         self.waiting = False                     # the writer is idle, waiting to be woken
         self.ping_ids = itertools.count(1)
@@ -316,13 +367,15 @@ class _Conn:
         while True:
             self.waiting = True
             try:
-                with trio.move_on_at(next_ping):
+                with trio.move_on_at(min(next_ping, self.deadline)):
                     await self.wake.wait()
             finally:
                 self.waiting = False
+            if trio.current_time() >= self.deadline:
+                self._on_deadline()
             if trio.current_time() >= next_ping:
                 if self.awaiting_pong:
-                    self.closing = (4008, "heartbeat timeout: no pong")
+                    self.closing = (CLOSE_HEARTBEAT, "heartbeat timeout: no pong")
                 else:
                     self.awaiting_pong = True
                     self.out.append(_frame(_frames.Ping(next(self.ping_ids))))
@@ -514,7 +567,7 @@ class _Conn:
                 self._hello(frame)
             else:
                 self.error("hello_required", "the first frame must be hello")
-                self.close(4000, "hello required")
+                self.close(CLOSE_HELLO, "hello required")
             return
         handler = self._handlers.get(type(frame))
         if handler is None:
@@ -523,18 +576,117 @@ class _Conn:
         await handler(self, frame)
 
     def _hello(self, frame: _frames.Hello) -> None:
-        self.client = frame.client or f"anon-{self.id}"
+        auth = self.server.auth
+        try:
+            principal = auth.verify(frame.token or self.url_token)
+        except AuthError as exc:
+            self.error(exc.code, exc.message)
+            self.close(CLOSE_AUTH, exc.code)
+            return
+        if auth.enabled:
+            assert principal.sub is not None
+            if frame.client is not None and frame.client != principal.sub:
+                self.error("client_mismatch", f"hello client {frame.client!r} is not the "
+                           "token's sub: leave client out, or send the sub")
+                self.close(CLOSE_AUTH, "client_mismatch")
+                return
+            self.client = principal.sub
+        else:
+            self.client = frame.client or f"anon-{self.id}"
+        ttl = self._take(principal)
         self.send(_frame(_frames.Welcome(1, self.client, self.id, self.cfg.heartbeat_s,
-                                         self.cfg.max_message)))
+                                         self.cfg.max_message, ttl)))
+
+    def _take(self, principal: Principal) -> float | None:
+        """Make ``principal`` the connection's and set its expiry timer;
+        the seconds it has left (None if it never expires)."""
+        self.principal = principal
+        left = principal.seconds_left(self.server.auth.clock())
+        if left == math.inf:
+            self.expires_at = self.warn_at = self.deadline = math.inf
+            return None
+        now = trio.current_time()
+        left = max(left, 0.0)
+        self.expires_at = now + left
+        # Warn shortly before expiry, but not at once for a short-lived token.
+        self.warn_at = self.expires_at - min(self.cfg.expiry_warning_s, left / 2)
+        self.deadline = self.warn_at
+        self.wake.set()              # the writer may be sleeping towards a later deadline
+        return left
+
+    def _on_deadline(self) -> None:
+        """The writer's timer went off: the hello timeout, the expiry
+        warning or the expiry itself."""
+        now = trio.current_time()
+        if self.closing is not None:
+            return
+        if self.client is None:
+            self.error("hello_timeout", f"no hello within {self.cfg.hello_timeout_s:g} s")
+            self.close(CLOSE_HELLO_TIMEOUT, "hello timeout")
+            self.deadline = math.inf
+        elif now >= self.expires_at:
+            self.error("token_expired", "the token has expired: connect again with a new one")
+            self.close(CLOSE_AUTH, "token expired")
+            self.deadline = math.inf
+        else:
+            if now >= self.warn_at:
+                self.send(_frame(_frames.Expiring(self.expires_at - now)))
+                self.warn_at = math.inf
+            self.deadline = min(self.warn_at, self.expires_at)
+
+    def _allowed(self, name: str, request_id: int, *operations: str) -> bool:
+        """Whether the token allows ``operations`` on ``name``; if not, the
+        refusal is sent.  Asked before the session is looked up."""
+        if len(name) > MAX_NAME_BYTES:
+            # Never match a capability glob against a name that cannot be
+            # valid: globs are regular expressions, and their cost grows
+            # with the length of the name.
+            try:
+                check_name(name)
+            except InvalidSessionName as exc:
+                self.error(exc.code, str(exc), name, request_id)
+                return False
+        try:
+            for operation in operations:
+                self.principal.check(name, operation)
+        except Forbidden as exc:
+            self.error(exc.code, exc.message, exc.session, request_id)
+            return False
+        return True
 
     async def _on_hello(self, frame: _frames.Hello) -> None:
         self.error("bad_frame", "hello was already sent")
-        self.close(4000, "hello repeated")
+        self.close(CLOSE_HELLO, "hello repeated")
+
+    async def _on_refresh(self, frame: _frames.Refresh) -> None:
+        try:
+            principal = self.server.auth.verify(frame.token)
+        except AuthError as exc:
+            # The current token still holds until it expires: the client may try again.
+            self.error(exc.code, exc.message, None, frame.id)
+            return
+        if self.server.auth.enabled and principal.sub != self.client:
+            self.error("client_mismatch", "a refresh must carry a token for the same sub "
+                       f"({self.client!r}), not {principal.sub!r}", None, frame.id)
+            self.close(CLOSE_AUTH, "client_mismatch")
+            return
+        for sub in list(self.subs.values()):
+            if not principal.allows(sub.name, READ):
+                self._end(sub)
+                self.error(Forbidden.code, Forbidden(READ, sub.name).message
+                           + ": the subscription has ended", sub.name)
+        self.send(_frame(_frames.Refreshed(frame.id, self._take(principal))))
 
     async def _on_attach(self, frame: _frames.Attach) -> None:
         name = frame.session
+        if not self._allowed(name, frame.id, *((READ, CREATE) if frame.create else (READ,))):
+            return
         if name in self.subs:
             self.error("already_attached", f"already attached to {name!r}", name, frame.id)
+            return
+        if len(self.subs) >= self.cfg.max_sessions:
+            self.error("too_many_sessions", f"at most {self.cfg.max_sessions} sessions attached "
+                       "at once on one connection: detach one first", name, frame.id)
             return
         mask = _core.ALL_KINDS if frame.kinds is None else sum(1 << k for k in set(frame.kinds))
         sub = _Sub(self, name, mask, frame.credit, self.server._fanout(name))
@@ -591,6 +743,9 @@ class _Conn:
             sub.mark()
 
     async def _on_publish(self, frame: _frames.Publish) -> None:
+        if not self._allowed(frame.session, frame.id,
+                             *((APPEND, CREATE) if frame.create else (APPEND,))):
+            return
         metas = frame.meta
         producer = frame.producer
         await self._publish(frame.id, frame.session, frame.records, frame.kind, metas,
@@ -599,6 +754,8 @@ class _Conn:
                             frame.create)
 
     async def _on_signal(self, frame: _frames.Signal) -> None:
+        if not self._allowed(frame.session, frame.id, SIGNAL_OP):
+            return
         await self._publish(frame.id, frame.session, (frame.payload,), SIGNAL,
                             None if frame.meta is None else (frame.meta,), None, False)
 
@@ -607,7 +764,9 @@ class _Conn:
                        producer: tuple[str, int, int] | None, create: bool) -> None:
         if len(records) > self.cfg.max_publish_records:
             self.error("batch_too_large", f"at most {self.cfg.max_publish_records} records "
-                       "per publish", name, request_id)
+                       f"per publish, not {len(records)}", name, request_id)
+            return
+        if self.bucket is not None and self._over_rate(request_id, name, len(records)):
             return
         try:
             try:
@@ -628,6 +787,23 @@ class _Conn:
         except BrokerError as exc:
             self.error(exc.code, str(exc), name, request_id)
 
+    def _over_rate(self, request_id: int, name: str, n: int) -> bool:
+        """Take ``n`` records from the bucket, or refuse the publish."""
+        assert self.bucket is not None
+        wait = self.bucket.take(n)
+        if not wait:
+            return False
+        rate, burst = self.cfg.publish_rate, self.bucket.burst
+        if wait == math.inf:
+            self.error("batch_too_large", f"{n} records in one publish can never pass this "
+                       f"connection's publish burst of {burst:g} records: split it",
+                       name, request_id)
+        else:
+            self.send(_frame(_frames.Error(
+                "rate_limited", f"over {rate:g} records per second on this connection: "
+                f"nothing was stored; retry in {wait:.3g} s", name, request_id, wait)))
+        return True
+
     async def _on_ping(self, frame: _frames.Ping) -> None:
         self.send(_frame(_frames.Pong(frame.id)))
 
@@ -639,6 +815,7 @@ class _Conn:
         _frames.Attach: _on_attach,
         _frames.Detach: _on_detach,
         _frames.Credit: _on_credit,
+        _frames.Refresh: _on_refresh,
         _frames.Publish: _on_publish,
         _frames.Signal: _on_signal,
         _frames.Ping: _on_ping,

@@ -15,13 +15,22 @@ Theory of operation: one task reads the socket and decodes frames (_frames);
 answers (``attached``, ``ack``, ``detached`` and errors carrying an ``id``)
 complete the request that is waiting for that id; ``data``, ``up_to_date``
 and ``event`` frames go to the session's Subscription, which a caller iterates;
-the server's ``ping`` is answered at once.
+the server's ``ping`` is answered at once.  An error about the whole
+connection (a refused hello, an expired token) is kept, and when the server
+then closes, every waiting request and subscription fails with it, so a
+caller sees ``ClientError("token_expired")`` rather than a bare close.
+
+Tokens: ``connect(url, token=...)`` sends the token in ``hello``;
+``Client.refresh`` replaces it on a live connection, and ``Client.expiring``
+is set when the server warns that the token is about to expire.
 """
 
 from __future__ import annotations
 
+
 import itertools
 import math
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -38,13 +47,21 @@ __all__ = ["Client", "ClientError", "Record", "Subscription", "connect"]
 
 
 class ClientError(Exception):
-    """The server answered a request with an error frame."""
+    """The server answered a request with an error frame (or closed the
+    connection: then ``code`` is the error it sent before closing, or
+    ``connection_closed``)."""
 
-    def __init__(self, code: str, message: str, session: str | None = None) -> None:
+    def __init__(self, code: str, message: str, session: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.session = session
+        self.retry_after = retry_after       # seconds, for rate_limited
+
+
+def _client_error(frame: _frames.Error) -> ClientError:
+    return ClientError(frame.code, frame.message, frame.session, frame.retry_after)
 
 
 class SessionEnded(ClientError):
@@ -106,7 +123,8 @@ class Subscription:
                     raise StopAsyncIteration
                 raise self.ended
             elif isinstance(frame, _frames.Error):
-                self.ended = ClientError(frame.code, frame.message, self.session)
+                self.ended = ClientError(frame.code, frame.message, self.session,
+                                         frame.retry_after)
                 raise self.ended
         record = self._records.popleft()
         self.offset = record.offset + 1
@@ -129,6 +147,12 @@ class Client:
         self._subs: dict[str, Subscription | _Pending] = {}
         self._welcomed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # Set when the server warns that the token expires soon; a fresh
+        # Event after each refresh.  ``expiring_ttl`` is the seconds it gave.
+        self.expiring = trio.Event()
+        self.expiring_ttl: float | None = None
+        # The latest error about the whole connection (no id, no session).
+        self.error: ClientError | None = None
 
     def _next_id(self) -> int:
         return next(self._ids)
@@ -145,7 +169,17 @@ class Client:
         await done.wait()
         answer = slot[0]
         if isinstance(answer, _frames.Error):
-            raise ClientError(answer.code, answer.message, answer.session)
+            raise _client_error(answer)
+        return answer
+
+    async def refresh(self, token: str) -> _frames.Refreshed:
+        """Replace the connection's token with a fresh one for the same sub;
+        its capabilities apply at once.  Raises ClientError if it is refused
+        (``client_mismatch`` also closes the connection)."""
+        answer = await self._request(_frames.Refresh(self._next_id(), token))
+        assert isinstance(answer, _frames.Refreshed)
+        self.expiring = trio.Event()
+        self.expiring_ttl = None
         return answer
 
     async def publish(self, session: str, payloads: Sequence[bytes], *, kind: int = 0,
@@ -198,12 +232,19 @@ class Client:
                 break
             frame = _frames.decode(message if isinstance(message, bytes) else message.encode())
             self._dispatch(frame)
+        if self.error is not None:
+            gone = _frames.Error(self.error.code, self.error.message)
+        else:
+            reason = self.ws.closed
+            gone = _frames.Error("connection_closed", "the connection closed" if reason is None
+                                 else f"the connection closed ({reason.code} {reason.reason})")
         for done, slot in self._waiting.values():
-            slot.append(_frames.Error("connection_closed", "the connection closed"))
+            slot.append(gone)
             done.set()
         self._waiting.clear()
         for sub in self._subs.values():
-            sub._deliver(_frames.Error("connection_closed", "the connection closed"))
+            sub._deliver(gone)
+        self._welcomed.set()          # connect() sees no welcome and raises
 
     def _dispatch(self, frame: _frames.Frame) -> None:
         if isinstance(frame, _frames.Welcome):
@@ -213,6 +254,13 @@ class Client:
         if isinstance(frame, _frames.Ping):
             assert self._nursery is not None
             self._nursery.start_soon(self.send, _frames.Pong(frame.id))
+            return
+        if isinstance(frame, _frames.Expiring):
+            self.expiring_ttl = frame.ttl
+            self.expiring.set()
+            return
+        if isinstance(frame, _frames.Error) and frame.id is None and frame.session is None:
+            self.error = _client_error(frame)    # the server closes after most of these
             return
         request_id = getattr(frame, "id", None)
         session = getattr(frame, "session", None)
@@ -247,18 +295,36 @@ class _Pending:
 
 
 @asynccontextmanager
-async def connect(url: str, *, client: str | None = None,
-                  token: str | None = None) -> AsyncIterator[Client]:
-    """Open a connection, say hello, and yield the Client."""
+async def connect(url: str, *, client: str | None = None, token: str | None = None,
+                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
+    """Open a connection, say hello, and yield the Client.  Raises
+    ClientError if the hello is refused (``unauthorized``, ``token_invalid``,
+    ``token_expired``, ``client_mismatch``).  ``ssl_context`` is for a
+    ``wss://`` URL whose certificate the system does not trust (a private CA)."""
     async with trio_websocket.open_websocket_url(url, subprotocols=[SUBPROTOCOL],
-                                                 message_queue_size=1024) as ws:
+                                                 message_queue_size=1024,
+                                                 ssl_context=ssl_context) as ws:
         c = Client(ws)
-        async with trio.open_nursery() as nursery:
-            c._nursery = nursery
-            nursery.start_soon(c._reader)
-            await c.send(_frames.Hello(client, token))
-            await c._welcomed.wait()
-            try:
-                yield c
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                c._nursery = nursery
+                nursery.start_soon(c._reader)
+                await c.send(_frames.Hello(client, token))
+                await c._welcomed.wait()
+                if c.welcome is None:
+                    nursery.cancel_scope.cancel()
+                else:
+                    try:
+                        yield c
+                    finally:
+                        nursery.cancel_scope.cancel()
+        finally:
+            if ws.closed is not None:
+                # trio-websocket 0.12 leaves the socket open when the server
+                # closed first (its aclose returns early): close it here.
+                stream = getattr(ws, "_stream", None)
+                if isinstance(stream, trio.abc.AsyncResource):
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+    if c.welcome is None:            # raised out here, not wrapped in a nursery's group
+        raise c.error or ClientError("connection_closed", "the connection closed before welcome")

@@ -44,6 +44,16 @@ async def test_bad_names_are_refused(b: broker.Broker, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["..", "../../etc/passwd", "/abs", "a/b/../c", "é/ü", "x" * 900])
+async def test_names_that_could_escape_are_refused(tmp_path: Path, name: str) -> None:
+    # The full list, over every transport, is in test_names.py.
+    data = tmp_path / "data"
+    async with broker.open_broker(data) as b:
+        with pytest.raises(broker.InvalidSessionName):
+            await b.create(name)
+    assert {p.name for p in tmp_path.iterdir()} == {"data"}
+
+
+@pytest.mark.parametrize("name", ["a", "chat/u1/run-7", "x.y~z:1@2+3=4,5", "x" * 255])
 async def test_names_stay_inside_the_data_dir(tmp_path: Path, name: str) -> None:
     data = tmp_path / "data"
     async with broker.open_broker(data) as b:

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from broker import _frames as F
 from broker._frames import (
-    Ack, Attach, Attached, Credit, Data, Detach, Detached, Error, Event, FrameError, Hello,
-    Ping, Pong, Producer, Publish, Record, Signal, UpToDate, Welcome, decode, encode,
-    parse_offset,
+    Ack, Attach, Attached, Credit, Data, Detach, Detached, Error, Event, Expiring, FrameError,
+    Hello, Ping, Pong, Producer, Publish, Record, Refresh, Refreshed, Signal, UpToDate, Welcome,
+    decode, encode, parse_offset,
 )
 from broker._handshake import (
     SUBPROTOCOL, HandshakeError, accept_key, check_server_response, client_request,
@@ -49,6 +49,9 @@ FRAMES = [
     UpToDate("chat", 12),
     Event("chat", "closed"), Event("chat", "deleted"), Event("chat", "epoch_changed", 4),
     Error("session_not_found", "no such session"), Error("bad_frame", "x", "chat", 15),
+    Refresh(16, "eyJ.x.y"), Refreshed(16), Refreshed(17, 3599.5), Expiring(60), Expiring(0.25),
+    Welcome(1, "u" * 256, "c", 25, 10, ttl=120.0), Welcome(1, "a", "c", 1, 10, ttl=0),
+    Error("rate_limited", "slow down", "chat", 18, retry_after=0.5),
 ]
 
 
@@ -84,6 +87,15 @@ def test_every_frame_type_is_covered() -> None:
     (Welcome(1, "c", "k", 25, 9), {"t": "welcome", "v": 1, "client": "c", "conn": "k",
                                    "heartbeat": 25, "max_message": 9}),
     (Ack(1, "s", dup=True), {"t": "ack", "id": 1, "s": "s", "dup": True}),
+    (Welcome(1, "c", "k", 25, 9, 30.5), {"t": "welcome", "v": 1, "client": "c", "conn": "k",
+                                         "heartbeat": 25, "max_message": 9, "ttl": 30.5}),
+    (Refresh(3, "tok"), {"t": "refresh", "id": 3, "token": "tok"}),
+    (Refreshed(3, 10), {"t": "refreshed", "id": 3, "ttl": 10}),
+    (Refreshed(3), {"t": "refreshed", "id": 3}),
+    (Expiring(59.5), {"t": "expiring", "ttl": 59.5}),
+    (Error("rate_limited", "m", "s", 4, 1.5), {"t": "error", "code": "rate_limited",
+                                               "message": "m", "s": "s", "id": 4,
+                                               "retry_after": 1.5}),
     (Event("s", "epoch_changed", 2), {"t": "event", "s": "s", "e": "epoch_changed", "epoch": 2}),
     (Data("s", (Record(0, 5, 1, b"p"), Record(1, 5, 0, b"q", "me"),
                 Record(2, 5, 0, b"r", None, None, P))),
@@ -199,13 +211,16 @@ BAD_MAPS: list[tuple[dict[str, Any], str]] = [
     ({"t": "signal", "id": 7, "s": "chat", "r": [b"a"]}, "bad_frame"),
     ({"t": "credit", "s": "chat", "n": 0}, "bad_frame"),
     ({"t": "credit", "s": "chat", "n": "5"}, "bad_frame"),
+    ({"t": "refresh", "id": 7, "s": "chat"}, "bad_frame"),
+    ({"t": "refresh", "id": 7, "s": "chat", "token": ""}, "bad_frame"),
+    ({"t": "refresh", "id": 7, "s": "chat", "token": b"tok"}, "bad_frame"),
 ]
 BAD_ANONYMOUS: list[tuple[dict[str, Any], str]] = [
     ({"t": "publish", "id": "7", "s": "", "r": [b"a"]}, "bad_frame"),
     ({"t": "ping", "id": "x"}, "bad_frame"),
     ({"t": "ping", "id": -1}, "bad_frame"),
     ({"t": "hello", "client": ""}, "bad_frame"),
-    ({"t": "hello", "client": "x" * 129}, "bad_frame"),
+    ({"t": "hello", "client": "x" * 257}, "bad_frame"),
     ({"t": "hello", "client": 5}, "bad_frame"),
     ({"t": "hello", "token": b"tok"}, "bad_frame"),
     ({"t": "welcome", "v": 0, "client": "c", "conn": "k", "heartbeat": 1, "max_message": 1},
@@ -214,6 +229,17 @@ BAD_ANONYMOUS: list[tuple[dict[str, Any], str]] = [
      "bad_frame"),
     ({"t": "welcome", "v": 1, "client": "c", "heartbeat": 1, "max_message": 1}, "bad_frame"),
     ({"t": "error", "code": "", "message": "m"}, "bad_frame"),
+    ({"t": "error", "code": "c", "message": "m", "retry_after": -1}, "bad_frame"),
+    ({"t": "error", "code": "c", "message": "m", "retry_after": float("inf")}, "bad_frame"),
+    ({"t": "refresh", "token": "tok"}, "bad_frame"),
+    ({"t": "refresh", "id": "1", "token": "tok"}, "bad_frame"),
+    ({"t": "refreshed", "ttl": 5}, "bad_frame"),
+    ({"t": "expiring"}, "bad_frame"),
+    ({"t": "expiring", "ttl": -0.5}, "bad_frame"),
+    ({"t": "expiring", "ttl": float("nan")}, "bad_frame"),
+    ({"t": "expiring", "ttl": "60"}, "bad_frame"),
+    ({"t": "welcome", "v": 1, "client": "c", "conn": "k", "heartbeat": 1, "max_message": 1,
+      "ttl": -1}, "bad_frame"),
 ]
 
 
