@@ -406,3 +406,26 @@ async def test_posts_beyond_the_publish_rate_get_429(tmp_path: Path, conns: Any)
         await other.send(request("POST", "/v1/stream/s", b"d", content_type=TEXT))
         assert (await other.response())[0] == 204
         assert await read_all(other, "s") == b"abd"
+
+
+# ------------------------------------------------------------ record size
+
+async def test_a_record_over_max_record_bytes_is_refused_on_both_transports(
+        tmp_path: Path, conns: Any) -> None:
+    async with serve_in_process(tmp_path / "data", max_record_bytes=64) as s:
+        c = await conns(s.port)
+        await create(c, "s", b"x" * 64)               # at the limit: stored
+        await c.send(request("POST", "/v1/stream/s", b"y" * 65, content_type=TEXT))
+        status, _, body = await c.response()
+        assert status == 413 and error_code(body) == "record_too_large"
+        ws = await RawWs.connect(s.port)
+        try:
+            await ws.send(_frames.Publish(1, "s", (b"z" * 65,)))
+            refused = await ws.frame()
+            assert isinstance(refused, _frames.Error) and refused.code == "record_too_large"
+            assert refused.id == 1 and refused.session == "s"
+            await ws.send(_frames.Publish(2, "s", (b"ok",)))     # the connection carries on
+            assert isinstance(await ws.frame(), _frames.Ack)
+        finally:
+            await ws.aclose()
+        assert await read_all(c, "s") == b"x" * 64 + b"ok"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import re
 import signal
 import socket
@@ -18,9 +21,15 @@ from broker._http import BadRequest, RequestReader
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    with serving(tmp_path) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir",
-         str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+         str(tmp_path / "data"), *flags], stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     port = 0
     for line in proc.stderr:
@@ -142,3 +151,42 @@ async def test_a_websocket_reset_leaves_the_server_serving(
     assert exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").startswith(
         b"HTTP/1.1 200 ")
     assert proc.poll() is None
+
+
+async def test_limit_flags_reach_the_server(tmp_path: Path) -> None:
+    from _wsraw import RawWs
+    from broker import _frames
+
+    flags = ("--max-body-bytes", "200", "--max-record-bytes", "50", "--max-batch-records", "2",
+             "--http-publish-rate", "0.01", "--http-publish-burst", "4",
+             "--ws-max-sessions", "1")
+    with serving(tmp_path, *flags) as (proc, port):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)   # one connection
+        json_ct = {"content-type": "application/json"}
+
+        def answer(method: str, body: bytes = b"") -> tuple[int, str]:
+            c.request(method, "/v1/stream/j", body=body, headers=json_ct)
+            r = c.getresponse()
+            data = r.read()
+            return r.status, json.loads(data)["error"]["code"] if data else ""
+
+        assert answer("PUT") == (201, "")                        # takes no publish token
+        assert answer("POST", b"[1,2,3]") == (413, "batch_too_large")
+        assert answer("POST", json.dumps(["x" * 60]).encode()) == (413, "record_too_large")
+        assert answer("POST", b"[1]") == (204, "")
+        assert answer("POST", b"[2]") == (204, "")               # the fourth POST
+        assert answer("POST", b"[3]") == (429, "rate_limited")
+        c.close()
+        big = exchange(port, b"POST /v1/stream/j HTTP/1.1\r\nhost: x\r\n"
+                             b"content-type: application/json\r\ncontent-length: 201\r\n\r\n")
+        assert big.startswith(b"HTTP/1.1 413 ") and b"body_too_large" in big
+        ws = await RawWs.connect(port)
+        try:
+            await ws.send(_frames.Attach(1, "j", offset=-1))
+            assert isinstance(await ws.frame(), _frames.Attached)
+            await ws.send(_frames.Attach(2, "k", offset=-1, create=True))
+            while not isinstance(frame := await ws.frame(), _frames.Error):
+                pass
+            assert frame.code == "too_many_sessions"
+        finally:
+            await ws.aclose()
