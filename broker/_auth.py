@@ -29,6 +29,7 @@ every caller the ``OPEN`` principal, which may do everything.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -212,6 +213,10 @@ class Authenticator:
             alg = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError as exc:
             raise AuthError("token_invalid", f"malformed token: {exc}") from None
+        except RecursionError:
+            # JSON nested too deeply for Python's parser: PyJWT before 2.14
+            # lets this through, from a header nobody has signed.
+            raise AuthError("token_invalid", "malformed token: nested too deeply") from None
         key = self._keys.get(alg) if isinstance(alg, str) else None
         if key is None or not isinstance(alg, str):
             raise AuthError("token_invalid",
@@ -222,28 +227,44 @@ class Authenticator:
                                          "verify_iat": False, "verify_nbf": False})
         except jwt.PyJWTError as exc:
             raise AuthError("token_invalid", f"the token does not verify: {exc}") from None
+        except RecursionError:
+            raise AuthError("token_invalid", "malformed token: nested too deeply") from None
         return self._principal(claims)
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
-        sub, exp = claims.get("sub"), claims.get("exp")
+        sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub.encode()) > MAX_SUB_BYTES:
             raise AuthError("token_invalid", f"sub must be a string of 1 to {MAX_SUB_BYTES} bytes")
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        exp = _seconds(claims, "exp")
+        if exp is None:
             raise AuthError("token_invalid", "exp must be a number")
         now = self.clock()
         if now >= exp + self.leeway_s:
             raise AuthError("token_expired", "the token has expired")
-        nbf = claims.get("nbf")
-        if nbf is not None:
-            if isinstance(nbf, bool) or not isinstance(nbf, (int, float)):
-                raise AuthError("token_invalid", "nbf must be a number")
-            if now < nbf - self.leeway_s:
-                raise AuthError("token_invalid", "the token is not valid yet (nbf)")
+        nbf = _seconds(claims, "nbf")
+        if nbf is not None and now < nbf - self.leeway_s:
+            raise AuthError("token_invalid", "the token is not valid yet (nbf)")
         try:
             caps = parse_caps(claims.get("caps"))
         except ValueError as exc:
             raise AuthError("token_invalid", str(exc)) from None
-        return Principal(sub, float(exp) + self.leeway_s, caps)
+        return Principal(sub, exp + self.leeway_s, caps)
+
+
+def _seconds(claims: Mapping[str, Any], name: str) -> float | None:
+    """A time claim as a finite float; None if absent.  JSON as Python reads
+    it has NaN, Infinity and integers too big for a float: each would make a
+    token that never expires, or a comparison that raises."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError
+        return float(value)
+    except (ValueError, OverflowError):
+        raise AuthError("token_invalid", f"{name} must be a number") from None
 
 
 def mint(sub: str, caps: Mapping[str, list[str]], *, ttl_s: float = 3600.0,

@@ -102,7 +102,7 @@ def is_json_text(data: bytes) -> bool:
         value = json.loads(text, parse_constant=_reject_constant)
         if "\\u" in text:
             json.dumps(value, ensure_ascii=False).encode()   # refuses "\ud800"
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):   # too deep for Python's parser
         return False
     return True
 

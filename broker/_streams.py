@@ -141,6 +141,8 @@ def _json_records(body: bytes, allow_empty: bool, limit: int) -> list[bytes]:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
         raise _Fail(400, "bad_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise _Fail(400, "bad_json", "the body is nested too deeply") from None
     items = value if isinstance(value, list) else [value]
     if not items and not allow_empty:
         raise _Fail(400, "empty_array", "an empty JSON array appends nothing")
@@ -153,6 +155,8 @@ def _json_records(body: bytes, allow_empty: bool, limit: int) -> list[bytes]:
     except UnicodeEncodeError:
         # An escaped lone surrogate ("\ud800") parses but is not Unicode text.
         raise _Fail(400, "bad_json", "the body holds an invalid Unicode escape") from None
+    except RecursionError:       # dumping runs a frame deeper than parsing did
+        raise _Fail(400, "bad_json", "the body is nested too deeply") from None
 
 
 def _json_body(batch: _core.Batch) -> bytes:

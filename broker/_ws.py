@@ -49,6 +49,11 @@ wall-clock ``exp`` turned into seconds left when it was verified).  A refresh
 moves the timer and applies the new capabilities at once: a subscription the
 new token may not read is ended with ``forbidden``.  Publishes and signals
 take their record count from the connection's token bucket, if a rate is set.
+
+A peer that sends and never reads must not hold the server's memory or outlive
+its deadlines: the reader stops reading while more than ``max_round_bytes``
+of answers wait to be sent, and a send stuck on such a peer is cut at the
+hello timeout or the token's expiry (``_cutoff``), which drops the connection.
 """
 
 from __future__ import annotations
@@ -268,6 +273,8 @@ class _Conn:
         self.id = conn_id
         self.parser = _core.FrameParser(False, self.cfg.max_message)
         self.out: list[bytes] = []               # frames queued for the next round
+        self.out_bytes = 0                       # their size, bounded by max_round_bytes
+        self.drained = trio.Event()              # set when the writer takes ``out``
         self.wake = trio.Event()                 # set when there is something to send
         self.ready: dict[_Sub, None] = {}        # subscriptions to look at, in order
         self.subs: dict[str, _Sub] = {}
@@ -278,6 +285,7 @@ class _Conn:
         self.warn_at = math.inf                  # trio time to send ``expiring``, if not yet sent
         # The writer's one timer: the hello timeout, then warn_at or expires_at.
         self.deadline = trio.current_time() + self.cfg.hello_timeout_s
+        self.sending: trio.CancelScope | None = None    # the writer's send, cut at _cutoff()
         self.bucket = (TokenBucket(self.cfg.publish_rate, self.cfg.publish_burst)
                        if self.cfg.publish_rate > 0 else None)
         self.awaiting_pong = False
@@ -290,6 +298,7 @@ class _Conn:
 
     def send(self, data: bytes) -> None:
         self.out.append(data)
+        self.out_bytes += len(data)
         self.wake.set()
 
     def error(self, code: str, message: str, session: str | None = None,
@@ -335,6 +344,12 @@ class _Conn:
         while True:
             if data:
                 for op, payload in parser.feed(data):
+                    # Every request is answered, so a peer that sends and never
+                    # reads would grow ``out`` without end: read nothing more
+                    # until the writer has taken it.
+                    while self.out_bytes > self.cfg.max_round_bytes and self.closing is None:
+                        self.drained = trio.Event()
+                        await self.drained.wait()
                     if self.closing is not None:
                         return
                     if op == _core.OP_BINARY:
@@ -381,7 +396,8 @@ class _Conn:
                     self.out.append(_frame(_frames.Ping(next(self.ping_ids))))
                 next_ping = trio.current_time() + interval
             self.wake = trio.Event()
-            chunks, self.out = self.out, []
+            chunks, self.out, self.out_bytes = self.out, [], 0
+            self.drained.set()
             budget = self.cfg.max_round_bytes
             while self.ready and budget > 0 and self.closing is None:
                 sub = next(iter(self.ready))
@@ -390,7 +406,20 @@ class _Conn:
             if self.ready:
                 self.wake.set()                          # more next round
             if chunks:
-                await self._send(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                # The last frames before a close get what the close gets.
+                cutoff = (self._cutoff() if self.closing is None
+                          else trio.current_time() + self.cfg.close_timeout_s)
+                with trio.CancelScope(deadline=cutoff) as self.sending:
+                    await self._send(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                cut, self.sending = self.sending.cancelled_caught, None
+                if cut:
+                    # The peer stopped reading and the hello timeout, the
+                    # token's expiry or the close timeout passed: the send may
+                    # have stopped mid-frame, so nothing can follow.  Drop the
+                    # connection.
+                    assert self._cancel is not None
+                    self._cancel.cancel()
+                    return
             if self.closing is not None:
                 await self._send_close(*self.closing)
                 return
@@ -410,6 +439,12 @@ class _Conn:
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
 
+    def _cutoff(self) -> float:
+        """When the connection ends even if its peer has stopped reading (and
+        so the writer is stuck in a send): the hello timeout before a hello,
+        the token's expiry after it."""
+        return self.expires_at if self.client is not None else self.deadline
+
     async def _send(self, data: bytes) -> None:
         n = self._try_send(data)
         if n < len(data):
@@ -418,7 +453,7 @@ class _Conn:
     async def _send_close(self, code: int, reason: str) -> None:
         with trio.move_on_after(self.cfg.close_timeout_s):
             rest = b"".join(self.out)
-            self.out = []
+            self.out, self.out_bytes = [], 0
             await self.stream.send_all(
                 rest + _core.build_frame(_core.OP_CLOSE, _core.close_payload(code, reason)))
         assert self._cancel is not None
@@ -604,15 +639,16 @@ class _Conn:
         left = principal.seconds_left(self.server.auth.clock())
         if left == math.inf:
             self.expires_at = self.warn_at = self.deadline = math.inf
-            return None
-        now = trio.current_time()
-        left = max(left, 0.0)
-        self.expires_at = now + left
-        # Warn shortly before expiry, but not at once for a short-lived token.
-        self.warn_at = self.expires_at - min(self.cfg.expiry_warning_s, left / 2)
-        self.deadline = self.warn_at
-        self.wake.set()              # the writer may be sleeping towards a later deadline
-        return left
+        else:
+            left = max(left, 0.0)
+            self.expires_at = trio.current_time() + left
+            # Warn shortly before expiry, but not at once for a short-lived token.
+            self.warn_at = self.expires_at - min(self.cfg.expiry_warning_s, left / 2)
+            self.deadline = self.warn_at
+            self.wake.set()          # the writer may be sleeping towards a later deadline
+        if self.sending is not None and self.closing is None:
+            self.sending.deadline = self._cutoff()
+        return None if left == math.inf else left
 
     def _on_deadline(self) -> None:
         """The writer's timer went off: the hello timeout, the expiry
@@ -743,8 +779,11 @@ class _Conn:
             sub.mark()
 
     async def _on_publish(self, frame: _frames.Publish) -> None:
+        # Records of kind 1 are signals, whichever frame carries them: a
+        # token without ``signal`` must not cancel or approve through publish.
+        operation = SIGNAL_OP if frame.kind == SIGNAL else APPEND
         if not self._allowed(frame.session, frame.id,
-                             *((APPEND, CREATE) if frame.create else (APPEND,))):
+                             *((operation, CREATE) if frame.create else (operation,))):
             return
         metas = frame.meta
         producer = frame.producer

@@ -3,6 +3,7 @@ transports' use of it is tested in test_auth_http.py and test_ws_auth.py."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 
@@ -110,6 +111,11 @@ def test_expiry_and_not_before_follow_the_injected_clock() -> None:
     ({"sub": "", "exp": 2**40}, "token_invalid"),
     ({"sub": "a" * 257, "exp": 2**40}, "token_invalid"),
     ({"sub": "a", "exp": "never"}, "token_invalid"),
+    ({"sub": "a", "exp": float("nan")}, "token_invalid"),     # never >= now: would never expire
+    ({"sub": "a", "exp": float("inf")}, "token_invalid"),     # a token without an expiry
+    ({"sub": "a", "exp": 10**400}, "token_invalid"),         # too big for a float
+    ({"sub": "a", "exp": 2**40, "nbf": float("nan")}, "token_invalid"),
+    ({"sub": "a", "exp": 2**40, "nbf": -10**400}, "token_invalid"),
     ({"sub": "a", "exp": 2**40, "caps": {"x": ["fly"]}}, "token_invalid"),
     ({"sub": "a", "exp": 1}, "token_expired"),
 ])
@@ -117,6 +123,15 @@ def test_bad_claims(claims: dict[str, object], code: str) -> None:
     with pytest.raises(AuthError) as exc:
         Authenticator(SECRET).verify(jwt.encode(claims, SECRET, algorithm="HS256"))
     assert exc.value.code == code
+
+
+def test_a_header_nested_too_deeply_is_invalid() -> None:
+    """Parsed before any signature check, so anyone can send one: PyJWT
+    before 2.14 (pyproject allows 2.8) raised RecursionError from it."""
+    header = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    with pytest.raises(AuthError) as exc:
+        Authenticator(SECRET).verify(f"{header}.e30.x")
+    assert exc.value.code == "token_invalid"
 
 
 def test_a_public_key_verifies_only_its_own_algorithm() -> None:

@@ -880,6 +880,8 @@ def test_record_over_the_record_limit_gets_413(http: httpx.Client, name: str) ->
 @pytest.mark.parametrize("body", [
     b"{", b"[1,", b'{"a" 1}', b"\xff\xfe", b"[]", b"", b"undefined", b"'single'",
     b"NaN", b"[1, Infinity]",
+    pytest.param(b"[" * 100_000, id="too-deep-array"),
+    pytest.param(b'{"a":' * 100_000, id="too-deep-object"),
 ])
 def test_bad_json_gets_400_and_leaves_the_stream_alone(http: httpx.Client, name: str,
                                                        body: bytes) -> None:

@@ -5,7 +5,9 @@ expiry.  (Per-connection limits are in test_ws_limits.py.)"""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import _frames, client
+from broker import _core, _frames, client
 from broker._auth import Authenticator, mint
 from broker._config import FsyncPolicy
 from broker._handshake import check_server_response, client_request
@@ -200,12 +202,18 @@ def _signal(rid: int, name: str) -> _frames.Frame:
     return _frames.Signal(rid, name, b"stop")
 
 
+def _publish_signal_kind(rid: int, name: str) -> _frames.Frame:
+    """A signal in a publish frame's clothes: kind 1 is a signal whichever frame carries it."""
+    return _frames.Publish(rid, name, (b"stop",), kind=1)
+
+
 @pytest.mark.parametrize("make, op, denied", [
     (_attach, "read", "sig"),
     (_attach_create, "create", "rw"),
     (_publish, "append", "ro"),
     (_publish_create, "create", "rw"),
     (_signal, "signal", "rw"),
+    (_publish_signal_kind, "signal", "rw"),
     (_attach, "read", "elsewhere"),
 ])
 async def test_each_frame_needs_its_operation(authed: Served, raw: Any, make: Any, op: str,
@@ -247,6 +255,8 @@ async def test_allowed_frames_pass(authed: Served, raw: Any) -> None:
     await ws.send(_frames.Signal(2, "sig/1", b"stop"))
     assert isinstance(await ws.frame(), _frames.Ack)
     await ws.send(_frames.Publish(3, "new/1", (b"a",), create=True))
+    assert isinstance(await ws.frame(), _frames.Ack)
+    await ws.send(_frames.Publish(5, "sig/1", (b"stop",), kind=1))     # a signal, so signal
     assert isinstance(await ws.frame(), _frames.Ack)
     await ws.send(_frames.Attach(4, "ro/1", offset=0))
     assert isinstance(await ws.frame(), _frames.Attached)
@@ -317,6 +327,48 @@ async def test_expiry_warns_then_closes(clocked: tuple[Served, Any],
     assert isinstance(warning, _frames.Expiring) and 58 < warning.ttl <= 60
     await jump(mock_clock, 60)
     await refused(ws, "token_expired")
+
+
+async def test_expiry_ends_a_connection_whose_peer_does_not_read(
+        clocked: tuple[Served, Any], mock_clock: trio.testing.MockClock, raw: Any) -> None:
+    """A peer that stops reading blocks the writer, which keeps the expiry
+    timer: the connection must still end at the token's expiry, or it could
+    go on publishing on a dead token."""
+    s, at_now = clocked
+    ws = await raw(s.port, hello=_frames.Hello(None, at_now(ttl_s=120)))
+    ping = _core.build_frame(_core.OP_PING, b"p" * 125, mask=os.urandom(4)) * 512
+
+    async def flood() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range((32 << 20) // len(ping)):
+                await ws.send_raw(ping)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flood)
+        await jump(mock_clock, 121)
+        await trio.testing.wait_all_tasks_blocked()
+        assert s.server.ws.connections == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refresh_moves_the_expiry_of_a_blocked_send(
+        clocked: tuple[Served, Any], mock_clock: trio.testing.MockClock, raw: Any) -> None:
+    """A slow reader that refreshed in time is not dropped at the old expiry
+    while the writer waits on it."""
+    s, at_now = clocked
+    await s.broker.create("chat/big")
+    for _ in range(8):
+        await s.broker.append_many("chat/big", [b"x" * 65536] * 16)
+    ws = await raw(s.port, hello=_frames.Hello(None, at_now(ttl_s=120)))
+    await ws.send(_frames.Attach(1, "chat/big", offset=0))
+    await trio.testing.wait_all_tasks_blocked()          # the writer is stuck in a send
+    await ws.send(_frames.Refresh(2, at_now(ttl_s=1000)))
+    await jump(mock_clock, 121)
+    await trio.testing.wait_all_tasks_blocked()
+    assert s.server.ws.connections == 1
+    while not isinstance(frame := await ws.frame(), _frames.Refreshed):
+        pass
+    assert frame.id == 2
 
 
 async def test_refresh_extends_the_connection(clocked: tuple[Served, Any],

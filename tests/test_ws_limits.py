@@ -4,6 +4,7 @@ publish.  Each refusal is an error frame; other connections carry on."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from broker import _frames, client
+from broker import _core, _frames, client
 from broker._config import FsyncPolicy
 from broker._errors import SessionNotFound
 from broker._ws import WsConfig
@@ -140,3 +141,61 @@ async def test_max_publish_records(tmp_path: Path, raw: Any) -> None:
         assert not await exists(s, "s")
         await ws.send(_frames.Publish(2, "s", (b"x",) * 3, create=True))
         assert isinstance(await ws.frame(), _frames.Ack)
+
+
+async def test_json_too_deep_to_parse_is_a_bad_payload(tmp_path: Path, raw: Any) -> None:
+    """Python's JSON parser gives up on deep nesting with RecursionError, not
+    ValueError: that must be a refusal, not a dropped connection."""
+    async with serve_in_process(tmp_path) as s:
+        await s.broker.create("j", content_type="application/json")
+        ws = await raw(s.port)
+        await ws.send(_frames.Publish(1, "j", (b"[" * 100_000,)))
+        await expect_error(ws, "bad_payload", "j", 1)
+        await ws.send(_frames.Publish(2, "j", (b"[[1]]",)))
+        assert isinstance(await ws.frame(), _frames.Ack)
+
+
+# ---------------------------------------------------------------- a peer that does not read
+
+def queued(s: Any) -> int:
+    """Bytes the server has queued for its one WebSocket connection."""
+    (conn,) = s.server.ws._conns
+    return sum(map(len, conn.out))
+
+
+async def flood_pings(ws: RawWs, total: int) -> None:
+    """Send about ``total`` bytes of WebSocket pings and read nothing; stop
+    quietly if the server drops the connection."""
+    batch = _core.build_frame(_core.OP_PING, b"p" * 125, mask=os.urandom(4)) * 512
+    try:
+        for _ in range(total // len(batch)):
+            await ws.send_raw(batch)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_a_peer_that_does_not_read_cannot_make_the_server_queue(
+        tmp_path: Path, autojump_clock: trio.abc.Clock, raw: Any) -> None:
+    """Every ping gets a pong.  A peer that pings and never reads would have
+    the server queue pongs without end if it went on reading: it stops while
+    more than ``max_round_bytes`` of answers wait."""
+    async with serve_in_process(tmp_path, WsConfig(heartbeat_s=100_000)) as s:
+        ws = await raw(s.port)
+        with trio.move_on_after(60):
+            await flood_pings(ws, 32 << 20)     # more than the sockets' buffers hold
+        assert queued(s) <= WsConfig().max_round_bytes + 1024
+        other = await raw(s.port)
+        await other.send(_frames.Ping(1))
+        assert await other.frame() == _frames.Pong(1)
+
+
+async def test_the_hello_timeout_holds_against_a_peer_that_does_not_read(
+        tmp_path: Path, autojump_clock: trio.abc.Clock, raw: Any) -> None:
+    """The writer keeps the hello timeout; blocked on a peer that does not
+    read, it must still end the connection (no close frame can be sent)."""
+    async with serve_in_process(tmp_path, WsConfig(hello_timeout_s=5, heartbeat_s=100_000)) as s:
+        ws = await raw(s.port, hello=False)
+        with trio.move_on_after(60):
+            await flood_pings(ws, 32 << 20)
+        await trio.sleep(60)
+        assert s.server.ws.connections == 0
