@@ -34,6 +34,7 @@ files and exits; the next use of the session starts a new one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -82,6 +83,23 @@ def record_header(publisher: str | None, meta: Any = None,
     while fields and fields[-1] is None:
         fields.pop()
     return msgpack.packb(fields) if fields else None
+
+
+def producer_key(publisher: str | None, producer: str) -> str:
+    """Where an idempotent producer's (epoch, seq) is kept.  With auth on,
+    records carry their publisher (the token's sub), and a producer id is
+    the publisher's own: another client naming the same id gets a fresh
+    producer rather than the power to fence or skip the first one's appends.
+    Without a publisher the id alone is the key, as the Durable Streams
+    protocol has it."""
+    return producer if publisher is None else json.dumps([publisher, producer])
+
+
+def header_publisher(header: bytes) -> str | None:
+    fields = msgpack.unpackb(header)
+    if isinstance(fields, list) and fields and isinstance(fields[0], str):
+        return fields[0]
+    return None
 
 
 def header_stamp(header: bytes) -> tuple[str, int, int] | None:
@@ -579,7 +597,8 @@ class SessionActor:
         if self.meta is None or self.log is None:
             raise SessionNotFound(self.name)
         self._check_append(payloads, closed_ok=True)
-        state = self._producers.get(producer)
+        key = producer_key(pub.publisher if pub is not None else None, producer)
+        state = self._producers.get(key)
         if state is None:
             if seq != 0:
                 reply.set(ProduceResult("sequence_gap", expected_seq=0, received_seq=seq))
@@ -603,7 +622,7 @@ class SessionActor:
         if self.meta.closed:
             reply.set(ProduceResult("closed"))
             return
-        self._producers[producer] = (epoch, seq)
+        self._producers[key] = (epoch, seq)
         self._producers_changed = True
         self._queue(reply, batch, payloads,
                     ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close),
@@ -678,7 +697,8 @@ class SessionActor:
             for _, header in batch.metas():
                 stamp = header_stamp(header)
                 if stamp is not None:
-                    self._producers[stamp[0]] = (stamp[1], stamp[2])
+                    key = producer_key(header_publisher(header), stamp[0])
+                    self._producers[key] = (stamp[1], stamp[2])
             offset = batch.next_offset
 
     def _check_append(self, payloads: Sequence[bytes], closed_ok: bool = False) -> None:

@@ -485,3 +485,35 @@ async def test_public_key_tokens(tmp_path: Path, kind: str, alg: str) -> None:
         # And an HS256 token under any secret is refused by a public-key broker.
         refused(await http.get("/v1/stream/chat/x", headers=bearer(token(ADMIN))), 401,
                 "token_invalid")
+
+
+async def test_a_producer_id_belongs_to_its_publisher(tmp_path: Path) -> None:
+    # Mallory, who may append to the shared session, names Alice's producer:
+    # she gets a producer of her own, and cannot skip, fence or shadow Alice's
+    # appends; the same holds once the table is rebuilt from the log.
+    alice = {**bearer(token({"*": ["*"]}, sub="alice")), **TEXT}
+    mallory = {**bearer(token({"shared": ["append"]}, sub="mallory")), **TEXT}
+
+    async def post(who: dict[str, str], seq: int, body: bytes, epoch: int = 0) -> int:
+        r = await http.post("/v1/stream/shared", content=body, headers={
+            **who, **PRODUCER, "producer-seq": str(seq), "producer-epoch": str(epoch)})
+        return r.status_code
+
+    for restart in (False, True):
+        data = tmp_path / "data"
+        async with serve_in_process(data, auth=Authenticator(SECRET)) as s, \
+                httpx.AsyncClient(base_url=s.http_url, timeout=30) as http:
+            if not restart:
+                assert (await http.put("/v1/stream/shared", headers=alice)).status_code == 201
+                assert await post(alice, 0, b"a0") == 200
+                assert await post(mallory, 1, b"EVIL") == 409          # her own producer: gap
+                assert await post(mallory, 0, b"m0") == 200
+                assert await post(mallory, 0, b"m0", epoch=5) == 200   # fences only herself
+                assert await post(alice, 1, b"a1") == 200
+            else:
+                assert await post(alice, 1, b"a1") == 204              # a retry: duplicate
+                assert await post(mallory, 0, b"m0", epoch=4) == 403   # stale for her
+                assert await post(alice, 2, b"a2") == 200
+            body = (await http.get("/v1/stream/shared", params={"offset": "-1"},
+                                   headers=alice)).content
+    assert body == b"a0m0m0a1a2"
