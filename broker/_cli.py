@@ -234,7 +234,8 @@ async def serve(opts: ServeOptions,
                 header_timeout_s=opts.header_timeout_s,
                 keepalive_timeout_s=opts.keepalive_timeout_s,
                 publish_rate=opts.http_publish_rate, publish_burst=opts.http_publish_burst)
-            server = HttpServer(broker, streams, ws, limits=limits, ssl_context=ssl_context)
+            server = HttpServer(broker, streams, ws, limits=limits, ssl_context=ssl_context,
+                                local_only=not auth.enabled and is_loopback(opts.host))
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as listening:
                     listeners = await listening.start(functools.partial(

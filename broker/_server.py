@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import ssl
 
@@ -78,13 +79,40 @@ _TLS_HANDSHAKE = 0x16      # the first byte of every TLS connection (a handshake
 _RETRY_AFTER_FULL_S = 1    # what a client refused for too many connections is told to wait
 
 
+_LOCAL_HOST = re.compile(r"(?:localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d{1,5})?",
+                         re.IGNORECASE)
+_LOCAL_ORIGIN = re.compile(r"https?://" + _LOCAL_HOST.pattern, re.IGNORECASE)
+
+
+def foreign(req: Request) -> str | None:
+    """Why a request to an open broker on loopback does not come from this
+    machine's own pages, or None.  Without a token check, two things would
+    let any web page the user visits use the broker: CORS (``Origin`` is
+    the page's, and every answer allows it) and DNS rebinding (a foreign
+    name resolved to 127.0.0.1: ``Host`` is that name).  Clients that are
+    not browsers send no ``Origin``, and a loopback ``Host``."""
+    host = req.header(b"host")
+    if host is not None and not _LOCAL_HOST.fullmatch(host.strip()):
+        return (f"auth is off, so this broker answers only requests for localhost, "
+                f"not {host.strip()[:100]!r}; turn on --auth-secret to serve other names")
+    origin = req.header(b"origin")
+    if origin is not None and not _LOCAL_ORIGIN.fullmatch(origin.strip()):
+        return (f"auth is off, so this broker answers only pages served from this machine, "
+                f"not {origin.strip()[:100]!r}; turn on --auth-secret to serve others")
+    return None
+
+
 class HttpServer:
     """Routes requests: /healthz, and the Durable Streams API under /v1/stream/."""
 
     def __init__(self, broker: Broker, streams: StreamsApi | None = None,
                  ws: WsServer | None = None, limits: HttpLimits | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 local_only: bool = False) -> None:
         self.broker = broker
+        # Open mode on a loopback address: only this machine's pages may use
+        # the API (see ``foreign``).
+        self.local_only = local_only
         self.streams = streams or StreamsApi(broker)
         self.ws = ws or WsServer(broker)
         self.limits = limits or HttpLimits()
@@ -94,7 +122,12 @@ class HttpServer:
 
     async def handle(self, req: Request, out: Responder) -> None:
         path = req.target.split("?", 1)[0]
-        if path.startswith(STREAM_PREFIX):
+        # A CORS preflight carries no data either way: the request it asks
+        # about is refused on its own.
+        if self.local_only and path.startswith("/v1/") and req.method != "OPTIONS" \
+                and (why := foreign(req)):
+            await out.send(error(403, "origin_refused", why))
+        elif path.startswith(STREAM_PREFIX):
             await self.streams.handle(req, out)
         elif path == "/healthz":
             if req.method not in ("GET", "HEAD"):
@@ -258,6 +291,9 @@ class HttpServer:
             return
         if self.closing:
             await stream.send_all(error(503, "unavailable", "the server is shutting down"))
+            return
+        if self.local_only and (why := foreign(req)):
+            await stream.send_all(error(403, "origin_refused", why))
             return
         await stream.send_all(accepted)
         await self.ws.serve(stream, leftover, req.target)

@@ -42,13 +42,14 @@ class Served:
 async def serve_in_process(data_dir: Path, ws: WsConfig | None = None, *,
                            auth: Authenticator | None = None, limits: HttpLimits | None = None,
                            ssl_context: ssl.SSLContext | None = None,
-                           streams: dict[str, Any] | None = None,
+                           streams: dict[str, Any] | None = None, local_only: bool = False,
                            **config: Any) -> AsyncIterator[Served]:
     """``ws``, ``auth``, ``limits``, ``ssl_context`` and ``streams`` (StreamsApi
     keyword arguments) configure the server; the rest is BrokerConfig."""
     async with broker.open_broker(data_dir, **config) as br:
         server = HttpServer(br, StreamsApi(br, auth=auth, **(streams or {})),
-                            WsServer(br, ws, auth=auth), limits=limits, ssl_context=ssl_context)
+                            WsServer(br, ws, auth=auth), limits=limits, ssl_context=ssl_context,
+                            local_only=local_only)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(functools.partial(
                 trio.serve_tcp, server.serve_connection, 0, host="127.0.0.1"))

@@ -220,7 +220,7 @@ async def test_403_is_the_same_whether_or_not_the_stream_exists(
     for name in ("other/aaaa", "other/bbbb"):     # exists, does not; same length
         for method in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE"):
             got = await raw(srv.port, method + b" /v1/stream/" + name.encode()
-                            + b" HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + tok.encode()
+                            + b" HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer " + tok.encode()
                             + b"\r\ncontent-type: text/plain\r\ncontent-length: 1\r\n"
                               b"connection: close\r\n\r\nx")
             assert got.startswith(b"HTTP/1.1 403 "), got
@@ -263,7 +263,7 @@ async def test_token_in_the_query_and_header_precedence(srv: Served,
             401, "unauthorized")
     # An empty Bearer wins over the query too (httpx will not send one: raw).
     got = await raw(srv.port, b"GET /v1/stream/chat/x?token=" + good.encode()
-                    + b" HTTP/1.1\r\nhost: x\r\nauthorization: Bearer \r\n"
+                    + b" HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer \r\n"
                       b"connection: close\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 401 ") and b'"unauthorized"' in got, got
     refused(await http.get("/v1/stream/chat/x", params=[("token", good), ("token", good)]),
@@ -273,7 +273,7 @@ async def test_token_in_the_query_and_header_precedence(srv: Served,
 
 
 async def test_cors_preflight_needs_no_token(srv: Served) -> None:
-    got = await raw(srv.port, b"OPTIONS /v1/stream/chat/x HTTP/1.1\r\nhost: x\r\n"
+    got = await raw(srv.port, b"OPTIONS /v1/stream/chat/x HTTP/1.1\r\nhost: localhost\r\n"
                               b"origin: https://app.example\r\n"
                               b"access-control-request-method: POST\r\n"
                               b"access-control-request-headers: authorization\r\n"

@@ -117,9 +117,9 @@ async def hostile(port: int, kind: str, rng: random.Random, outcomes: Counter[st
             if kind == "garbage":
                 request = b"\x00" + rng.randbytes(rng.randint(1, 4000))
             elif kind == "half_head":
-                request = b"POST /v1/stream/x HTTP/1.1\r\nhost: x\r\ncontent-le"
+                request = b"POST /v1/stream/x HTTP/1.1\r\nhost: localhost\r\ncontent-le"
             elif kind == "half_body":
-                request = (b"POST /v1/stream/x HTTP/1.1\r\nhost: x\r\n"
+                request = (b"POST /v1/stream/x HTTP/1.1\r\nhost: localhost\r\n"
                            b"content-length: 1000\r\n\r\n" + b"b" * 100)
             elif kind == "half_ws":
                 request, _ = client_request(f"127.0.0.1:{port}")
@@ -177,7 +177,7 @@ async def flood(port: int, rng: random.Random) -> Counter[str]:
 async def healthz(port: int) -> bytes:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
-        await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk

@@ -93,7 +93,7 @@ class Conn:
 
 
 def request(method: str, target: str, body: bytes = b"", **headers: str) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "host: x"]
+    lines = [f"{method} {target} HTTP/1.1", "host: localhost"]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     if body or method in ("POST", "PUT"):
         lines.append(f"content-length: {len(body)}")
@@ -248,9 +248,9 @@ async def test_a_refused_connection_that_already_sent_its_request_reads_the_503(
     (True, b""),                                    # a connection that never speaks
     (True, b"GET /heal"),
     (False, b"GET /heal"),                          # on a kept-alive connection
-    (True, b"GET /healthz HTTP/1.1\r\nhost: x\r\n"),
-    (False, b"GET /healthz HTTP/1.1\r\nhost: x\r\n"),
-    (True, b"GET /v1/ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"),
+    (True, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n"),
+    (False, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n"),
+    (True, b"GET /v1/ws HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n"),
 ])
 async def test_a_slow_request_head_gets_408(tmp_path: Path, conns: Any, first: bool,
                                             part: bytes) -> None:
@@ -278,7 +278,7 @@ async def test_a_stalled_body_gets_408_and_nothing_is_stored(tmp_path: Path,
     async with serve_in_process(tmp_path / "data", limits=limits) as s:
         c = await conns(s.port)
         await create(c, "s")
-        await c.send(b"POST /v1/stream/s HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+        await c.send(b"POST /v1/stream/s HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\n"
                      b"content-length: 10\r\n\r\nabc")
         answer = await c.closed()
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -297,7 +297,7 @@ async def test_a_body_that_keeps_coming_is_not_cut(tmp_path: Path, conns: Any) -
         c = await conns(s.port)
         await create(c, "s")
         body = b"steady"
-        await c.send(b"POST /v1/stream/s HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+        await c.send(b"POST /v1/stream/s HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\n"
                      b"content-length: %d\r\n\r\n" % len(body))
         for byte in body:               # 6 pieces, 1.5 s in all: longer than the timeout
             await trio.sleep(0.25)
@@ -367,7 +367,7 @@ async def test_a_body_over_max_body_bytes_gets_413(tmp_path: Path, conns: Any,
         c = await conns(s.port)
         await create(c, "s", b"x" * 1000)           # at the limit: stored
         over = await conns(s.port)
-        head = b"POST /v1/stream/s HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+        head = b"POST /v1/stream/s HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\n"
         if framing == "declared":
             # Refused on the header alone: the body is never sent.
             await over.send(head + b"content-length: 1001\r\n\r\n")

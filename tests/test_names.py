@@ -223,7 +223,7 @@ def request(method: str, target: bytes, body: bytes = b"") -> bytes:
     """A request; ``body`` goes only with PUT and POST."""
     if method not in ("PUT", "POST"):
         body = b""
-    return (method.encode() + b" /v1/stream/" + target + b" HTTP/1.1\r\nhost: x\r\n"
+    return (method.encode() + b" /v1/stream/" + target + b" HTTP/1.1\r\nhost: localhost\r\n"
             b"content-type: text/plain\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%b" % (len(body), body))
 

@@ -59,22 +59,22 @@ def exchange(port: int, data: bytes) -> bytes:
 
 def test_healthz_garbage_and_clean_shutdown(server: tuple[subprocess.Popen[str], int]) -> None:
     proc, port = server
-    ok = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    ok = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200 ") and ok.endswith(b'{"status":"ok"}')
     bad = exchange(port, b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
     assert bad.startswith(b"HTTP/1.1 400 ") and b'"bad_request"' in bad
-    missing = exchange(port, b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n")
+    missing = exchange(port, b"GET /nope HTTP/1.1\r\nhost: localhost\r\n\r\n")
     assert missing.startswith(b"HTTP/1.1 404 ") and b'"not_found"' in missing
     # Garbage on one connection leaves the server answering others.
-    again = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    again = exchange(port, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
     assert again.startswith(b"HTTP/1.1 200 ")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
 
 def test_pipelined_requests_split_at_every_byte() -> None:
-    wire = (b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
-            b"GET /b?x=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+    wire = (b"POST /a HTTP/1.1\r\nhost: localhost\r\ncontent-length: 5\r\n\r\nhello"
+            b"GET /b?x=1 HTTP/1.1\r\nhost: localhost\r\n\r\n")
     for cut in range(len(wire) + 1):
         reader = RequestReader()
         got = reader.feed(wire[:cut]) + reader.feed(wire[cut:])
@@ -103,13 +103,13 @@ def test_option_precedence_file_env_flags(tmp_path: Path) -> None:
 
 def test_shutdown_ends_a_waiting_long_poll(server: tuple[subprocess.Popen[str], int]) -> None:
     proc, port = server
-    assert exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n"
+    assert exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n"
                           b"connection: close\r\n\r\n").startswith(b"HTTP/1.1 201 ")
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         # A first exchange makes sure the server has accepted this connection.
-        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
         assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
-        s.sendall(b"GET /v1/stream/s?offset=now&live=long-poll HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.sendall(b"GET /v1/stream/s?offset=now&live=long-poll HTTP/1.1\r\nhost: localhost\r\n\r\n")
         proc.send_signal(signal.SIGTERM)        # the long-poll would wait 30 s
         answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 204 ")
@@ -148,7 +148,7 @@ async def test_a_websocket_reset_leaves_the_server_serving(
         await ws.aclose()                                   # RST, data unread
     # Nothing to wait on in another process: give it time to meet the resets.
     await trio.sleep(0.5)
-    assert exchange(port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").startswith(
+    assert exchange(port, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").startswith(
         b"HTTP/1.1 200 ")
     assert proc.poll() is None
 
@@ -177,7 +177,7 @@ async def test_limit_flags_reach_the_server(tmp_path: Path) -> None:
         assert answer("POST", b"[2]") == (204, "")               # the fourth POST
         assert answer("POST", b"[3]") == (429, "rate_limited")
         c.close()
-        big = exchange(port, b"POST /v1/stream/j HTTP/1.1\r\nhost: x\r\n"
+        big = exchange(port, b"POST /v1/stream/j HTTP/1.1\r\nhost: localhost\r\n"
                              b"content-type: application/json\r\ncontent-length: 201\r\n\r\n")
         assert big.startswith(b"HTTP/1.1 413 ") and b"body_too_large" in big
         ws = await RawWs.connect(port)
@@ -190,3 +190,14 @@ async def test_limit_flags_reach_the_server(tmp_path: Path) -> None:
             assert frame.code == "too_many_sessions"
         finally:
             await ws.aclose()
+
+
+def test_open_serve_on_loopback_refuses_foreign_pages(
+        server: tuple[subprocess.Popen[str], int]) -> None:
+    _, port = server
+    evil = exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: localhost\r\norigin: https://evil.example\r\n"
+                          b"content-length: 0\r\n\r\n")
+    assert evil.startswith(b"HTTP/1.1 403 ") and b"origin_refused" in evil
+    mine = exchange(port, f"PUT /v1/stream/s HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+                          f"content-length: 0\r\n\r\n".encode())
+    assert mine.startswith(b"HTTP/1.1 201 ")

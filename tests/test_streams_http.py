@@ -791,13 +791,13 @@ async def test_hundred_concurrent_readers(srv: Server, name: str) -> None:
 @pytest.mark.parametrize("garbage", [
     b"\x00\xffNOT HTTP AT ALL\r\n\r\n",
     b"GET /v1/stream/x HTTP/1.1\r\nno colon here\r\n\r\n",
-    b"POST /v1/stream/x HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n",
+    b"POST /v1/stream/x HTTP/1.1\r\nhost: localhost\r\ncontent-length: nope\r\n\r\n",
     b"GET /v1/stream/x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
 ])
 def test_garbage_gets_400_and_others_keep_working(srv: Server, garbage: bytes) -> None:
     with connect(srv.port) as keep:
         f = keep.makefile("rb")
-        req = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+        req = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n"
         keep.sendall(req)
         assert read_response(f)[0] == 200
         answer = exchange(srv.port, garbage)
@@ -809,7 +809,7 @@ def test_garbage_gets_400_and_others_keep_working(srv: Server, garbage: bytes) -
 
 
 def test_requests_before_garbage_are_answered_first(srv: Server) -> None:
-    answer = exchange(srv.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    answer = exchange(srv.port, b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n"
                                 b"\x00\xffNOT HTTP\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 400 " in answer, answer
@@ -820,7 +820,7 @@ def test_slow_loris_does_not_block_others(srv: Server, http: httpx.Client, name:
                                           stall: str) -> None:
     create(http, name, TEXT)
     body = b"slow but steady"
-    head = (f"POST {path(name)} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+    head = (f"POST {path(name)} HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/plain\r\n"
             f"content-length: {len(body)}\r\n").encode()
     wire = head + b"x-slow: " + b"z" * 12 + b"\r\n\r\n" + body
     cut = len(head) if stall == "headers" else len(wire) - len(body)
@@ -844,7 +844,7 @@ def test_declared_oversized_body_gets_413_before_it_is_sent(srv: Server, http: h
                                                             name: str) -> None:
     create(http, name, BYTES)
     with connect(srv.port) as s:
-        s.sendall(f"POST {path(name)} HTTP/1.1\r\nhost: x\r\n"
+        s.sendall(f"POST {path(name)} HTTP/1.1\r\nhost: localhost\r\n"
                   f"content-type: application/octet-stream\r\n"
                   f"content-length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode())
         answer = recv_all(s)      # the server answers and closes with no body sent
@@ -858,7 +858,7 @@ def test_streamed_oversized_body_gets_413(srv: Server, http: httpx.Client, name:
     mib = b"\xab" * (1 << 20)
     chunk = b"%x\r\n%b\r\n" % (len(mib), mib)
     with connect(srv.port) as s:
-        s.sendall(f"POST {path(name)} HTTP/1.1\r\nhost: x\r\n"
+        s.sendall(f"POST {path(name)} HTTP/1.1\r\nhost: localhost\r\n"
                   "content-type: application/octet-stream\r\n"
                   "transfer-encoding: chunked\r\n\r\n".encode())
         for _ in range(MAX_BODY_BYTES >> 20):

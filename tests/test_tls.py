@@ -142,7 +142,7 @@ async def test_the_python_client_over_wss(tls: Served, pki: Pki) -> None:
 async def test_plain_http_to_the_tls_port_gets_400(tls: Served, pki: Pki) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", tls.port)
     async with stream:
-        await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
         answer = await read_to_close(stream)
     assert answer.startswith(b"HTTP/1.1 400 "), answer
     assert b'"tls_required"' in answer and b"connection: close" in answer
