@@ -71,6 +71,9 @@ def make_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context for HTTPS and WSS on the same port: TLS 1.2 or later."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # A client-started renegotiation costs the server a handshake per request
+    # (OpenSSL 3 refuses it already; 1.1.1 needs telling).
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(cert_file, key_file)
     return context
 

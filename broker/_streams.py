@@ -136,7 +136,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Parsed JSON costs far more memory than its text: ``[{},{},...]`` holds an
+# object of about 64 bytes for every 3 bytes of body.  An upper bound on the
+# number of values (each needs a comma or an opening bracket or brace, and
+# those inside strings only raise the bound) caps that before parsing.
+MAX_JSON_VALUES = 1_000_000
+
+
 def _json_records(body: bytes, allow_empty: bool, limit: int) -> list[bytes]:
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise _Fail(413, "json_too_large",
+                    f"the body may hold up to {values} JSON values; the limit is "
+                    f"{MAX_JSON_VALUES}: split it")
     try:
         value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):

@@ -892,6 +892,15 @@ def test_bad_json_gets_400_and_leaves_the_stream_alone(http: httpx.Client, name:
     assert http.get(path(name)).json() == ["ok"]
 
 
+def test_json_with_too_many_values_is_refused_before_parsing(http: httpx.Client,
+                                                             name: str) -> None:
+    # A million-value body would cost over 100 MB parsed; it is refused on a count.
+    create(http, name, JSON, b'["ok"]')
+    r = http.post(path(name), headers=JSON, content=b"[" + b"{}," * 1_000_000 + b"{}]")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "json_too_large", r.text
+    assert http.get(path(name)).json() == ["ok"]
+
+
 def test_json_lone_surrogate_is_not_a_server_error(http: httpx.Client, name: str) -> None:
     # Grammatically valid JSON (RFC 8259 section 8.2) that is not valid Unicode.
     create(http, name, JSON, b'["ok"]')
