@@ -1,55 +1,132 @@
-"""A Python client for the WebSocket protocol (docs/protocol.md), on Trio.
+"""The Python client for the WebSocket protocol (docs/protocol.md), for Trio and asyncio.
 
-This is the protocol's thin client: one connection, requests answered by id,
-and each attached session's frames delivered in order.  It does not reconnect
-by itself; it keeps what a caller needs to resume (``Subscription.offset`` and
-``epoch``), and ``attach`` takes them back.
+A client names a session; from then on it gets every record exactly once, in
+order, across dropped sockets, and its publishes land exactly once.  Callers
+never write reconnect or catch-up logic::
 
-    async with broker.client.connect("ws://127.0.0.1:4437/v1/ws", client="agent") as c:
-        ack = await c.publish("chat/1", [b"hello"], create=True)
-        sub = await c.attach("chat/1", offset=-1)
-        async for record in sub:
+    async with broker.client.connect("ws://127.0.0.1:4437/v1/ws", client_id="ui-1") as c:
+        s = c.session("chat/42")
+        offsets = await s.publish([b"Hel", b"lo"], create=True)
+        async for record in s.subscribe(offset="-1"):
             print(record.offset, record.payload)
 
-Theory of operation: one task reads the socket and decodes frames (_frames);
-answers (``attached``, ``ack``, ``detached`` and errors carrying an ``id``)
-complete the request that is waiting for that id; ``data``, ``up_to_date``
-and ``event`` frames go to the session's Subscription, which a caller iterates;
-the server's ``ping`` is answered at once.  An error about the whole
-connection (a refused hello, an expired token) is kept, and when the server
-then closes, every waiting request and subscription fails with it, so a
-caller sees ``ClientError("token_expired")`` rather than a bare close.
+It is written once on anyio, so the same code runs under ``trio.run`` and
+``asyncio.run``.
 
-Tokens: ``connect(url, token=...)`` sends the token in ``hello``;
-``Client.refresh`` replaces it on a live connection, and ``Client.expiring``
-is set when the server warns that the token is about to expire.
+Theory of operation
+-------------------
+Four layers, each usable on its own:
+
+1. ``_WsCodec`` is the client half of RFC 6455, sans-IO: it writes the upgrade
+   request (_handshake), checks the 101, turns bytes into whole messages with
+   the compiled ``FrameParser`` and builds masked frames.  No socket.
+
+2. A **transport** moves protocol frames (_frames) to and from the server:
+   ``send``, ``receive``, ``close`` (the closing handshake) and ``aclose``
+   (drop it now); that is the whole ``Transport`` protocol.
+   ``WebSocketTransport`` puts the codec on an anyio byte stream (TCP, or TLS
+   for ``wss://``), answers WebSocket pings and does the closing handshake.
+   ``connect(dial=...)`` takes any other dialer, which is where an SSE or
+   long-poll transport will plug in.
+
+3. ``Connection`` is one connection's protocol: ``hello``, requests answered
+   by id, each attached session's frames routed to its sink, the server's
+   ``ping`` answered, and silence for two heartbeats taken as a dead link.
+   When it ends, every waiting request and sink hears why, once.
+   ``open_connection`` hands it out as it is, for tests and tools that want
+   the protocol without help: it never reconnects.
+
+4. ``Client`` (from ``connect``) keeps one *logical* connection over any
+   number of real ones.  A supervisor task dials, says hello with the current
+   token, and when a connection ends for a reason that may pass (a cut, a
+   server restart, a heartbeat timeout, a 503 at the upgrade) waits a growing,
+   fully jittered delay (``Backoff``) and dials again; a reason that will not
+   pass (a refused token, a bad URL) closes the client with that error, which
+   every waiting call raises.  Everything the client promises lives on the
+   client, never on a connection:
+
+   * A ``Subscription`` holds the offset after the last record it received and
+     the session's epoch.  On every new connection it attaches again from
+     there with that epoch, so what it yields has no gap and no duplicate; an
+     epoch change ends it with ``EpochChanged``.  Records received and not yet
+     yielded wait in its buffer, which credit bounds to ``window`` records, so
+     a slow consumer slows its own subscription and nothing else.  The offset
+     after the last record *yielded* is its ``cursor``, which a caller may save
+     and pass back to a later ``subscribe``.
+
+   * A session's publishes go through its ``_Pipeline``: a queue of publish
+     calls, and the batches already sent and not yet acknowledged, each
+     stamped (producer id, epoch, seq).  A batch keeps its records and its
+     stamp for life, so sending it again (on a new connection, or after
+     ``rate_limited``) appends it at most once: the server answers a repeat
+     with ``dup``.  Calls queued while earlier batches are on the wire are
+     merged into one batch, so a busy publisher sends fewer, larger frames.
+
+   Signals are publishes of kind 1, so they go through the same pipeline
+   and land exactly once, in order with the client's other publishes.
+
+   The server keeps producer state per publisher, so a client that did not
+   name itself keeps the name the server gave it on its first connection.
+
+   One *pump* task per connection sends attaches, credit and batches, woken
+   by ``_poke``: it alone decides their order, and whatever piles up while
+   it is busy goes out together.  (Other frames, a pong or a detach, come
+   from other tasks; the transport's lock keeps every frame whole.)
+
+Errors are raised in the caller's task, never out of a background task: the
+supervisor and the pump record what happened and wake whoever waits.
 """
 
 from __future__ import annotations
 
-
+import enum
 import itertools
+import logging
 import math
+import os
+import random
+import secrets
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Generic, Protocol, TypeVar
+from urllib.parse import urlsplit
 
-import trio
-import trio_websocket
+import anyio
+import anyio.abc
+import msgpack
 
-from . import _frames
+from . import _core, _frames
 from ._frames import Ack, Attached, Data, Event, Record, UpToDate
-from ._handshake import SUBPROTOCOL
+from ._handshake import HandshakeError, check_server_response, client_request
+from ._session import NOW, START
 
-__all__ = ["Client", "ClientError", "Record", "Subscription", "connect"]
+__all__ = [
+    "Attachment", "Backoff", "Client", "ClientClosed", "ClientError", "CloseInfo", "Connection",
+    "ConnectionLost", "Cursor", "EpochChanged", "MessageStream", "Record", "Session",
+    "SessionDeleted", "SessionEnded", "Signal", "State", "Subscription", "Transport",
+    "TransportClosed", "WebSocketTransport", "connect", "dial_websocket", "open_connection",
+]
 
+logger = logging.getLogger("broker.client")
+
+T = TypeVar("T")
+
+MAX_SERVER_MESSAGE: Final = 64 << 20   # a data frame of big records may pass 1 MiB
+_MAX_HEAD: Final = 16 << 10            # an upgrade response longer than this is not one
+
+
+# ================================================================ errors and values
 
 class ClientError(Exception):
-    """The server answered a request with an error frame (or closed the
-    connection: then ``code`` is the error it sent before closing, or
-    ``connection_closed``)."""
+    """The server refused something (``code`` is its stable error code), or
+    the client could not do it (``connection_lost``, ``client_closed``, ...).
+
+    ``session`` names the session it concerns, if one; ``retry_after`` is the
+    server's hint in seconds for ``rate_limited``."""
 
     def __init__(self, code: str, message: str, session: str | None = None,
                  retry_after: float | None = None) -> None:
@@ -57,16 +134,42 @@ class ClientError(Exception):
         self.code = code
         self.message = message
         self.session = session
-        self.retry_after = retry_after       # seconds, for rate_limited
+        self.retry_after = retry_after
 
 
 def _client_error(frame: _frames.Error) -> ClientError:
     return ClientError(frame.code, frame.message, frame.session, frame.retry_after)
 
 
+@dataclass(frozen=True, slots=True)
+class CloseInfo:
+    """How a connection ended: the WebSocket close code and reason (1006, as
+    RFC 6455 names it, when it ended without a close frame)."""
+
+    code: int
+    reason: str
+
+
+class ConnectionLost(ClientError):
+    """The connection ended (``close`` says how).  From a ``Client`` this is
+    only raised when it gave up reconnecting (``Backoff.give_up_after``)."""
+
+    def __init__(self, close: CloseInfo, message: str | None = None) -> None:
+        super().__init__("connection_lost", message or
+                         f"the connection closed ({close.code} {close.reason})".rstrip())
+        self.close = close
+
+
+class ClientClosed(ClientError):
+    """The client was closed by its owner while this was waiting."""
+
+    def __init__(self) -> None:
+        super().__init__("client_closed", "the client is closed")
+
+
 class SessionEnded(ClientError):
     """The subscription ended with an event: ``closed``, ``deleted`` or
-    ``epoch_changed`` (then ``epoch`` is the new one, and the caller must reset)."""
+    ``epoch_changed`` (then ``epoch`` is the new one)."""
 
     def __init__(self, session: str, event: str, epoch: int | None) -> None:
         super().__init__(event, f"session {session!r}: {event}", session)
@@ -74,27 +177,697 @@ class SessionEnded(ClientError):
         self.epoch = epoch
 
 
-class Subscription:
-    """An attached session.  Iterate it for records; ``offset`` is where a
-    resume would start (the offset after the last record or up_to_date)."""
+class EpochChanged(SessionEnded):
+    """The session was deleted and created again: offsets of the old epoch
+    mean nothing in the new one.  Discard what was read and subscribe again
+    from ``"-1"``.  ``old_epoch`` is the one the cursor belonged to."""
 
-    def __init__(self, client: Client, attached: Attached) -> None:
-        self.client = client
-        self.session = attached.session
-        self.epoch = attached.epoch
-        self.offset = attached.offset
+    def __init__(self, session: str, old_epoch: int | None, epoch: int | None) -> None:
+        super().__init__(session, "epoch_changed", epoch)
+        self.old_epoch = old_epoch
+
+
+class SessionDeleted(SessionEnded):
+    """The session was deleted."""
+
+    def __init__(self, session: str) -> None:
+        super().__init__(session, "deleted", None)
+
+
+def _ended(session: str, frame: Event, old_epoch: int | None) -> SessionEnded:
+    if frame.event == "epoch_changed":
+        return EpochChanged(session, old_epoch, frame.epoch)
+    if frame.event == "deleted":
+        return SessionDeleted(session)
+    return SessionEnded(session, frame.event, frame.epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a subscription goes on from: ``offset`` is the next record to
+    read, ``epoch`` the session epoch that offset belongs to (None if not yet
+    known).  ``str(cursor)`` is a short text form, ``"<epoch>:<offset>"``,
+    that ``Cursor.parse`` and ``subscribe(offset=...)`` read back."""
+
+    offset: int
+    epoch: int | None = None
+
+    def __str__(self) -> str:
+        offset = {START: "-1", NOW: "now"}.get(self.offset, str(self.offset))
+        return offset if self.epoch is None else f"{self.epoch}:{offset}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        """``"<epoch>:<offset>"``, or an offset alone (an integer, ``"-1"``,
+        ``"now"`` or an HTTP offset).  Raises ValueError."""
+        epoch_text, sep, offset_text = text.rpartition(":")
+        epoch = None
+        if sep:
+            if not epoch_text.isascii() or not epoch_text.isdigit():
+                raise ValueError(f"bad cursor {text[:60]!r}: the epoch must be an integer")
+            epoch = int(epoch_text)
+        if offset_text.isascii() and offset_text.isdigit():
+            return cls(int(offset_text), epoch)
+        try:
+            return cls(_frames.parse_offset(offset_text), epoch)
+        except _frames.FrameError:
+            raise ValueError(f"bad cursor {text[:60]!r}") from None
+
+
+def _start_of(offset: int | str | Cursor, epoch: int | None) -> Cursor:
+    if isinstance(offset, Cursor):
+        start = offset
+    elif isinstance(offset, str):
+        start = Cursor.parse(offset)
+    else:
+        try:
+            start = Cursor(_frames.parse_offset(offset))
+        except _frames.FrameError:
+            raise ValueError(f"bad offset {offset!r}") from None
+    if epoch is not None:
+        if start.epoch is not None and start.epoch != epoch:
+            raise ValueError(f"the cursor is of epoch {start.epoch}, not {epoch}")
+        start = Cursor(start.offset, epoch)
+    return start
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"        # the first connection is being made
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"    # the connection was lost; waiting or dialling again
+    CLOSED = "closed"                # by its owner, or by an error that retrying cannot fix
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long to wait before reconnecting: attempt ``n`` (from 0) waits a
+    uniformly random time in ``[0, min(maximum, initial * multiplier**n))``
+    ("full jitter"), so clients cut off together do not return together.  The
+    attempt count starts again at 0 once a connection has stayed up for
+    ``maximum`` seconds.  With ``give_up_after``, the client closes with
+    ``ConnectionLost`` after that many seconds without a connection."""
+
+    initial: float = 0.1
+    maximum: float = 10.0
+    multiplier: float = 2.0
+    give_up_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial <= self.maximum and self.multiplier >= 1):
+            raise ValueError("need 0 < initial <= maximum and multiplier >= 1")
+        if self.give_up_after is not None and self.give_up_after < 0:
+            raise ValueError("give_up_after must not be negative")
+
+    def cap(self, attempt: int) -> float:
+        """The most attempt ``attempt`` may wait."""
+        # Compare exponents, not powers: initial * multiplier**1000 overflows.
+        if self.multiplier == 1 or attempt < math.log(self.maximum / self.initial,
+                                                      self.multiplier):
+            return min(self.maximum, self.initial * self.multiplier ** attempt)
+        return self.maximum
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(0, self.cap(attempt))
+
+
+# ================================================================ sans-IO WebSocket, client side
+
+class _WsCodec:
+    """The client end of one WebSocket connection, as bytes in and bytes out.
+
+    ``request`` is the upgrade request to send first.  ``receive_data`` takes
+    what the server sent and returns the messages it completes, as
+    ``(opcode, payload)``; it raises HandshakeError if the server refused the
+    upgrade.  After a framing violation ``error`` is set (the messages before
+    it are still returned).  ``message``, ``pong`` and ``close`` build the
+    masked frames a client sends."""
+
+    def __init__(self, host: str, target: str, max_message: int = MAX_SERVER_MESSAGE) -> None:
+        self.request, self._key = client_request(host, target)
+        self.open = False                     # the 101 was checked
+        self._head = bytearray()
+        self._parser = _core.FrameParser(True, max_message)
+
+    @property
+    def error(self) -> _core.WsProtocolError | None:
+        return self._parser.error
+
+    def receive_data(self, data: bytes) -> list[tuple[int, bytes]]:
+        if not self.open:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > _MAX_HEAD:
+                    raise HandshakeError(0, "bad_handshake", "the upgrade response is too long")
+                return []
+            check_server_response(bytes(self._head[:end]), self._key)
+            self.open = True
+            data = bytes(self._head[end + 4:])
+            self._head.clear()
+            if not data:
+                return []
+        return self._parser.feed(data)
+
+    @staticmethod
+    def _masked(op: int, payload: bytes) -> bytes:
+        return _core.build_frame(op, payload, mask=os.urandom(4))
+
+    def message(self, payload: bytes) -> bytes:
+        return self._masked(_core.OP_BINARY, payload)
+
+    def pong(self, payload: bytes) -> bytes:
+        return self._masked(_core.OP_PONG, payload)
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        # A control frame holds 125 bytes: the code's 2 and at most 123 of reason.
+        short = reason.encode()[:123].decode(errors="ignore")
+        return self._masked(_core.OP_CLOSE, _core.close_payload(code, short))
+
+
+# ================================================================ transports
+
+class TransportClosed(Exception):
+    """The transport has ended; ``close`` says how."""
+
+    def __init__(self, close: CloseInfo) -> None:
+        super().__init__(f"{close.code} {close.reason}")
+        self.close = close
+
+
+class Transport(Protocol):
+    """What a Connection needs from the link under it: protocol frames each way."""
+
+    async def send(self, frame: _frames.ClientFrame) -> None:
+        """Send one frame.  Raises TransportClosed if the link has ended."""
+
+    async def receive(self) -> _frames.ServerFrame:
+        """The next frame.  Raises TransportClosed once the link has ended
+        (after every frame that came before the end)."""
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; ``receive`` ends when the server answers."""
+
+    async def aclose(self) -> None:
+        """Drop the link now, and release it."""
+
+
+_LINK_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class WebSocketTransport:
+    """Protocol frames over one WebSocket connection (``_WsCodec`` on an anyio
+    byte stream).  Sends may come from several tasks: a lock keeps each frame
+    whole on the wire.  One task receives."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, codec: _WsCodec,
+                 early: Iterable[tuple[int, bytes]] = ()) -> None:
+        self._stream = stream
+        self._codec = codec
+        self._lock = anyio.Lock()
+        self._early = list(early)             # messages that came with the 101
+        self._inbox: deque[_frames.ServerFrame] = deque()
+        self._close_sent = False
+        self.closed: CloseInfo | None = None  # set when the link has ended
+
+    async def send(self, frame: _frames.ClientFrame) -> None:
+        await self._send_bytes(self._codec.message(_frames.encode(frame)))
+
+    async def _send_bytes(self, data: bytes, closing: bool = False) -> None:
+        if self.closed is not None or (self._close_sent and not closing):
+            raise TransportClosed(self.closed or CloseInfo(1000, "closing"))
+        async with self._lock:
+            try:
+                await self._stream.send(data)
+            except _LINK_ERRORS as exc:
+                self._lost(f"send failed: {exc or type(exc).__name__}")
+                assert self.closed is not None
+                raise TransportClosed(self.closed) from None
+
+    def _lost(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = CloseInfo(1006, reason)
+
+    async def receive(self) -> _frames.ServerFrame:
+        while not self._inbox:
+            if self.closed is not None:
+                raise TransportClosed(self.closed)
+            if self._early:
+                messages, self._early = self._early, []
+            else:
+                try:
+                    data = await self._stream.receive(65536)
+                except anyio.EndOfStream:
+                    self._lost("the server closed the connection without a close frame")
+                    continue
+                except _LINK_ERRORS as exc:
+                    self._lost(f"receive failed: {exc or type(exc).__name__}")
+                    continue
+                messages = self._codec.receive_data(data)
+            for op, payload in messages:
+                if self.closed is not None:
+                    break
+                await self._on_message(op, payload)
+            error = self._codec.error
+            if error is not None and self.closed is None:
+                await self._fail(error.code, error.reason)
+        return self._inbox.popleft()
+
+    async def _on_message(self, op: int, payload: bytes) -> None:
+        if op == _core.OP_BINARY:
+            try:
+                frame = _frames.decode(payload)
+            except _frames.FrameError as exc:
+                await self._fail(1002, f"the server sent a bad frame: {exc.message}")
+                return
+            if not isinstance(frame, _frames.ServerFrame):
+                await self._fail(1002, f"the server sent a client frame "
+                                       f"({type(frame).__name__.lower()})")
+                return
+            self._inbox.append(frame)
+        elif op == _core.OP_PING:
+            try:
+                await self._send_bytes(self._codec.pong(payload))
+            except TransportClosed:
+                pass
+        elif op == _core.OP_CLOSE:
+            try:
+                code, reason = _core.parse_close(payload)
+            except _core.WsProtocolError as exc:
+                await self._fail(exc.code, exc.reason)
+                return
+            if not self._close_sent:
+                self._close_sent = True
+                try:
+                    with anyio.move_on_after(1):
+                        await self._send_bytes(self._codec.close(1000 if code == 1005 else code),
+                                               closing=True)
+                except TransportClosed:
+                    pass
+            self.closed = CloseInfo(code, reason)
+        elif op == _core.OP_TEXT:
+            await self._fail(1003, "the server sent a text message")
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """The server broke the protocol: say so, and end the link."""
+        await self.close(code, reason)
+        self.closed = CloseInfo(code, reason)
+        await self.aclose()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._close_sent or self.closed is not None:
+            return
+        self._close_sent = True
+        try:
+            with anyio.move_on_after(1):
+                await self._send_bytes(self._codec.close(code, reason), closing=True)
+        except TransportClosed:
+            pass
+
+    async def aclose(self) -> None:
+        self._lost("closed by the client")
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await self._stream.aclose()
+
+
+Dial = Callable[[str], Awaitable[Transport]]
+
+
+class _DialError(ClientError):
+    """A dial that failed; ``permanent`` if trying again cannot help."""
+
+    def __init__(self, code: str, message: str, permanent: bool) -> None:
+        super().__init__(code, message)
+        self.permanent = permanent
+
+
+async def dial_websocket(url: str, *, ssl_context: ssl.SSLContext | None = None,
+                         timeout: float = 10.0,
+                         max_message: int = MAX_SERVER_MESSAGE) -> WebSocketTransport:
+    """Open a WebSocket to ``url`` (``ws://`` or ``wss://``; a query such as
+    ``?token=`` is kept) offering the ``broker.v1`` subprotocol.  Raises
+    ClientError: ``bad_url``, ``connect_failed``, ``tls_failed`` or
+    ``bad_handshake`` (with the HTTP status in the message)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise _DialError("bad_url", f"not a ws:// or wss:// URL: {url[:100]!r}", True)
+    tls = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError:
+        raise _DialError("bad_url", f"bad port in {url[:100]!r}", True) from None
+    host = parts.hostname
+    host_header = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        host_header += f":{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: anyio.abc.ByteStream | None = None
+    try:
+        with anyio.fail_after(timeout):
+            if tls:
+                # Not standard_compatible: no waiting for the server's
+                # close_notify, which WebSocket's own close makes moot.
+                stream = await anyio.connect_tcp(host, port, tls=True, ssl_context=ssl_context,
+                                                 tls_hostname=host,
+                                                 tls_standard_compatible=False)
+            else:
+                stream = await anyio.connect_tcp(host, port)
+            codec = _WsCodec(host_header, target, max_message)
+            await stream.send(codec.request)
+            early: list[tuple[int, bytes]] = []
+            while not codec.open:
+                early += codec.receive_data(await stream.receive(65536))
+    except HandshakeError as exc:
+        await _drop(stream)
+        # A 5xx or 429 (e.g. the server's connection limit) passes; a 4xx does not.
+        permanent = exc.code == "bad_subprotocol" or (400 <= exc.status < 500
+                                                      and exc.status not in (408, 429))
+        raise _DialError(exc.code, f"{exc} (HTTP status {exc.status})", permanent) from None
+    except ssl.SSLCertVerificationError as exc:
+        await _drop(stream)
+        raise _DialError("tls_failed", f"TLS: {exc.verify_message or exc}", True) from None
+    except TimeoutError:
+        await _drop(stream)
+        raise _DialError("connect_failed", f"no WebSocket within {timeout:g} s", False) from None
+    except (anyio.EndOfStream, *_LINK_ERRORS, ssl.SSLError) as exc:
+        await _drop(stream)
+        cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLCertVerificationError) else None
+        if cause is not None:
+            raise _DialError("tls_failed", f"TLS: {cause.verify_message or cause}",
+                             True) from None
+        raise _DialError("connect_failed", f"{host}:{port}: {exc or type(exc).__name__}",
+                         False) from None
+    except BaseException:
+        await _drop(stream)
+        raise
+    return WebSocketTransport(stream, codec, early)
+
+
+async def _drop(stream: anyio.abc.ByteStream | None) -> None:
+    if stream is not None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await stream.aclose()
+
+
+# ================================================================ one connection
+
+Answer = Callable[[_frames.Frame | ClientError], None]
+"""Called once with the answer to a request, or with why the connection ended."""
+
+
+class Connection:
+    """One connection's protocol, over a transport: no reconnect, no retry.
+
+    Requests are answered by id (``request`` awaits the answer, raising
+    ClientError for an ``error``; ``send_request`` takes a callback instead,
+    for pipelining).  Frames about an attached session (``data``,
+    ``up_to_date``, ``event``, and ``error`` without an id) go to that
+    session's *route*, a callback.  ``run`` reads until the connection ends;
+    then every pending answer and route is called once with the ClientError
+    that says why: the connection-level ``error`` the server sent before a
+    4xxx close (``token_expired``, ...), else ``ConnectionLost``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.welcome: _frames.Welcome | None = None
+        self.closed: CloseInfo | None = None      # set when the connection has ended
+        # The latest error about the whole connection (no id, no session).
+        self.error: ClientError | None = None
+        # Set when the server warns that the token expires soon; a fresh Event
+        # after each refresh.  ``expiring_ttl`` is the seconds it gave.
+        self.expiring = anyio.Event()
+        self.expiring_ttl: float | None = None
+        self._ids = itertools.count(1)
+        self._answers: dict[int, Answer] = {}
+        self._attaching: dict[str, int] = {}       # session -> id of its attach in flight
+        self._routes: dict[str, Answer] = {}
+        self._gone: ClientError | None = None
+        self._done = anyio.Event()
+
+    # ------------------------------------------------------------ sending
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def send(self, frame: _frames.ClientFrame) -> None:
+        """Send any frame as it is (no answer awaited).  Raises the reason the
+        connection ended if it has."""
+        if self._gone is not None:
+            raise self._gone.with_traceback(None)
+        try:
+            await self.transport.send(frame)
+        except TransportClosed as exc:
+            raise ConnectionLost(exc.close) from None
+
+    async def send_request(self, frame: Any, on_answer: Answer,
+                           route: Answer | None = None) -> None:
+        """Send a request with an ``id``; ``on_answer`` gets its answer.  For an
+        ``attach``, ``route`` is the session's route from now on (an ``event``
+        that answers the attach instead of ``attached`` goes to ``on_answer``).
+
+        Raises why the connection ended if it already has.  (Answering
+        ``on_answer`` at once instead would let a caller that sends again
+        from its callback spin without ever reaching a checkpoint.)  If it
+        ends during the send, ``run`` answers ``on_answer``."""
+        if self._gone is not None:
+            raise self._gone.with_traceback(None)
+        self._answers[frame.id] = on_answer
+        if isinstance(frame, _frames.Attach):
+            self._attaching[frame.session] = frame.id
+            if route is not None:
+                self._routes[frame.session] = route
+        try:
+            await self.transport.send(frame)
+        except TransportClosed:
+            pass           # ``run`` sees the end and answers every waiter
+
+    async def request(self, frame: Any, route: Answer | None = None) -> _frames.Frame:
+        """Send a request and wait for its answer; ClientError for an error."""
+        done = anyio.Event()
+        box: list[_frames.Frame | ClientError] = []
+
+        def answer(a: _frames.Frame | ClientError) -> None:
+            box.append(a)
+            done.set()
+
+        try:
+            await self.send_request(frame, answer, route)
+            await done.wait()
+        finally:
+            if not box:                # cancelled: nobody waits for the answer now
+                self._answers.pop(frame.id, None)
+        got = box[0]
+        if isinstance(got, ClientError):
+            raise got.with_traceback(None)
+        if isinstance(got, _frames.Error):
+            raise _client_error(got)
+        return got
+
+    def has_route(self, session: str) -> bool:
+        return session in self._routes
+
+    # ------------------------------------------------------------ the protocol
+
+    async def hello(self, frame: _frames.Hello, timeout: float = 10.0) -> _frames.Welcome:
+        """Say hello and read up to the welcome.  Raises the refusal
+        (``unauthorized``, ``token_invalid``, ...) or ConnectionLost."""
+        await self.send(frame)
+        try:
+            with anyio.fail_after(timeout):
+                while self.welcome is None:
+                    got = await self.transport.receive()
+                    if isinstance(got, _frames.Welcome):
+                        self.welcome = got
+                    else:
+                        await self._dispatch(got)
+        except TransportClosed as exc:
+            self._finish(exc.close)
+            assert self._gone is not None
+            raise self._gone.with_traceback(None) from None
+        except TimeoutError:
+            self._finish(CloseInfo(1006, f"no welcome within {timeout:g} s"))
+            assert self._gone is not None
+            raise self._gone.with_traceback(None) from None
+        return self.welcome
+
+    async def run(self) -> None:
+        """Read and dispatch until the connection ends; never raises.  Hearing
+        nothing for two heartbeat intervals ends it (the server pings every
+        ``welcome.heartbeat`` seconds, so the link is dead)."""
+        idle = 2 * self.welcome.heartbeat if self.welcome is not None else math.inf
+        close = CloseInfo(1006, "the connection ended")
+        try:
+            while True:
+                with anyio.move_on_after(idle) as quiet:
+                    frame = await self.transport.receive()
+                if quiet.cancelled_caught:
+                    close = CloseInfo(1006, f"nothing from the server for {idle:g} s")
+                    await self.transport.aclose()
+                    break
+                await self._dispatch(frame)
+        except TransportClosed as exc:
+            close = exc.close
+        finally:
+            self._finish(close)
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
+
+    async def close(self, code: int = 1000, timeout: float = 2.0) -> None:
+        """Close politely: send a close frame and give ``run`` up to
+        ``timeout`` seconds to see the server's answer; then drop the link."""
+        with anyio.CancelScope(shield=True):
+            await self.transport.close(code)
+            with anyio.move_on_after(timeout):
+                await self._done.wait()
+            await self.transport.aclose()
+
+    async def _dispatch(self, frame: _frames.Frame) -> None:
+        if isinstance(frame, _frames.Ping):
+            try:
+                await self.send(_frames.Pong(frame.id))
+            except ClientError:
+                pass        # the end shows up in ``run``
+            return
+        if isinstance(frame, _frames.Expiring):
+            self.expiring_ttl = frame.ttl
+            self.expiring.set()
+            return
+        session = getattr(frame, "session", None)
+        request_id = getattr(frame, "id", None)
+        if isinstance(frame, _frames.Error) and request_id is None and session is None:
+            self.error = _client_error(frame)     # the server closes after most of these
+            return
+        if isinstance(frame, Event) and session in self._attaching:
+            # An attach answered with an event instead of ``attached``.
+            request_id = self._attaching.pop(session)
+            self._routes.pop(session, None)
+        elif request_id is not None and not isinstance(frame, _frames.Pong):
+            if isinstance(frame, (Attached, _frames.Error)) \
+                    and self._attaching.get(session or "") == request_id:
+                del self._attaching[session or ""]
+                if isinstance(frame, _frames.Error):
+                    self._routes.pop(session or "", None)
+            elif isinstance(frame, _frames.Detached) or (
+                    isinstance(frame, _frames.Error) and frame.code == "not_attached"):
+                self._routes.pop(session or "", None)
+        else:
+            request_id = None
+        if request_id is not None:
+            answer = self._answers.pop(request_id, None)
+            if answer is not None:
+                answer(frame)
+            return
+        if session is not None:
+            route = self._routes.get(session)
+            if route is not None:
+                if isinstance(frame, (Event, _frames.Error)):
+                    del self._routes[session]      # the server ended the subscription
+                route(frame)
+
+    def _finish(self, close: CloseInfo) -> None:
+        if self._gone is not None:
+            return
+        self.closed = close
+        if self.error is not None and (4000 <= close.code < 5000 or self.welcome is None):
+            self._gone = self.error
+        else:
+            self._gone = ConnectionLost(close)
+        answers, self._answers = self._answers, {}
+        routes, self._routes = self._routes, {}
+        self._attaching.clear()
+        for answer in answers.values():
+            answer(self._gone)
+        for route in routes.values():
+            route(self._gone)
+        self._done.set()
+
+    # ------------------------------------------------------------ requests
+
+    async def refresh(self, token: str) -> _frames.Refreshed:
+        """Replace the connection's token with a fresh one for the same sub;
+        its capabilities apply at once.  Raises ClientError if it is refused
+        (``client_mismatch`` also closes the connection)."""
+        answer = await self.request(_frames.Refresh(self.next_id(), token))
+        assert isinstance(answer, _frames.Refreshed)
+        self.expiring = anyio.Event()
+        self.expiring_ttl = None
+        return answer
+
+    async def publish(self, session: str, payloads: Sequence[bytes], *, kind: int = 0,
+                      meta: Sequence[Any] | None = None,
+                      producer: tuple[str, int, int] | None = None,
+                      create: bool = False) -> Ack:
+        """Append records and wait until they are durable; returns the ack."""
+        answer = await self.request(_frames.Publish(
+            self.next_id(), session, tuple(payloads), kind,
+            None if meta is None else tuple(meta),
+            None if producer is None else _frames.Producer(*producer), create))
+        assert isinstance(answer, Ack)
+        return answer
+
+    async def signal(self, session: str, payload: bytes, meta: Any = None) -> Ack:
+        answer = await self.request(_frames.Signal(self.next_id(), session, payload, meta))
+        assert isinstance(answer, Ack)
+        return answer
+
+    async def attach(self, session: str, offset: int | str = "now", *,
+                     epoch: int | None = None, kinds: Sequence[int] | None = None,
+                     credit: int | None = None, create: bool = False) -> Attachment:
+        """Attach from ``offset`` (an int, "-1", "now" or an HTTP offset).
+
+        Raises SessionEnded if the session is gone or its epoch is not
+        ``epoch``, and ClientError for other refusals."""
+        if session in self._routes:
+            raise ClientError("already_attached", f"already attached to {session!r}", session)
+        frame = _frames.Attach(self.next_id(), session, _frames.parse_offset(offset), epoch,
+                               None if kinds is None else tuple(kinds), credit, create)
+        att = Attachment(self, session)
+        answer = await self.request(frame, route=att._deliver)
+        if isinstance(answer, Event):
+            raise _ended(session, answer, epoch)
+        assert isinstance(answer, Attached)
+        att.epoch, att.offset = answer.epoch, answer.offset
+        return att
+
+    async def detach(self, session: str) -> None:
+        await self.request(_frames.Detach(self.next_id(), session))
+
+
+class Attachment:
+    """A session attached on one Connection.  Iterate it for records, or take
+    its frames one at a time with ``next_frame``; ``offset`` is where a resume
+    would start (after the last record returned, or the last up_to_date)."""
+
+    def __init__(self, conn: Connection, session: str) -> None:
+        self.connection = conn
+        self.session = session
+        self.epoch: int | None = None
+        self.offset = 0
         self.up_to_date = False
-        self.ended: SessionEnded | ClientError | None = None
-        self._send, self._recv = trio.open_memory_channel[_frames.Frame](math.inf)
-        self._records: deque[Record] = deque()      # of the data frame being iterated
+        self.ended: ClientError | None = None
+        self._frames: deque[_frames.Frame | ClientError] = deque()
+        self._wake = anyio.Event()
+        self._records: deque[Record] = deque()     # of the data frame being iterated
 
-    def _deliver(self, frame: _frames.Frame) -> None:
-        self._send.send_nowait(frame)
+    def _deliver(self, frame: _frames.Frame | ClientError) -> None:
+        self._frames.append(frame)
+        self._wake.set()
+
+    async def _next(self) -> _frames.Frame:
+        while not self._frames:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+        got = self._frames.popleft()
+        if isinstance(got, ClientError):
+            self._frames.appendleft(got)           # and again on every later call
+            self.ended = got
+            raise got.with_traceback(None)
+        return got
 
     async def next_frame(self) -> _frames.Frame:
         """The next data, up_to_date, event or error frame for this session
         (a lower level than iterating; use one or the other)."""
-        frame = await self._recv.receive()
+        frame = await self._next()
         if isinstance(frame, Data):
             self.offset = frame.records[-1].offset + 1
         elif isinstance(frame, UpToDate):
@@ -102,229 +875,1135 @@ class Subscription:
             self.up_to_date = True
         return frame
 
-    def __aiter__(self) -> Subscription:
+    def __aiter__(self) -> Attachment:
         return self
 
     async def __anext__(self) -> Record:
         """The next record.  Ends at a ``closed`` event; raises SessionEnded for
         the other events and ClientError for an error.  ``offset`` moves past a
-        record only once it is returned, so a caller that stops part-way
-        through a data frame resumes at the next record."""
+        record only once it is returned."""
         while not self._records:
-            frame = await self._recv.receive()
+            frame = await self._next()
             if isinstance(frame, Data):
                 self._records.extend(frame.records)
             elif isinstance(frame, UpToDate):
                 self.offset = frame.next
                 self.up_to_date = True
             elif isinstance(frame, Event):
-                self.ended = SessionEnded(self.session, frame.event, frame.epoch)
+                self.ended = _ended(self.session, frame, self.epoch)
                 if frame.event == "closed":
                     raise StopAsyncIteration
                 raise self.ended
             elif isinstance(frame, _frames.Error):
-                self.ended = ClientError(frame.code, frame.message, self.session,
-                                         frame.retry_after)
+                self.ended = _client_error(frame)
                 raise self.ended
         record = self._records.popleft()
         self.offset = record.offset + 1
         return record
 
     async def credit(self, n: int) -> None:
-        await self.client.send(_frames.Credit(self.session, n))
+        await self.connection.send(_frames.Credit(self.session, n))
 
     async def detach(self) -> None:
-        await self.client._request(_frames.Detach(self.client._next_id(), self.session))
-        self.client._subs.pop(self.session, None)
+        await self.connection.detach(self.session)
 
 
-class Client:
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
-        self.ws = ws
-        self.welcome: _frames.Welcome | None = None
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[trio.Event, list[_frames.Frame]]] = {}
-        self._subs: dict[str, Subscription | _Pending] = {}
-        self._welcomed = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        # Set when the server warns that the token expires soon; a fresh
-        # Event after each refresh.  ``expiring_ttl`` is the seconds it gave.
-        self.expiring = trio.Event()
-        self.expiring_ttl: float | None = None
-        # The latest error about the whole connection (no id, no session).
-        self.error: ClientError | None = None
-
-    def _next_id(self) -> int:
-        return next(self._ids)
-
-    async def send(self, frame: _frames.Frame) -> None:
-        """Send any frame as it is (no answer awaited)."""
-        await self.ws.send_message(_frames.encode(frame))
-
-    async def _request(self, frame: Any) -> _frames.Frame:
-        done = trio.Event()
-        slot: list[_frames.Frame] = []
-        self._waiting[frame.id] = (done, slot)
-        await self.send(frame)
-        await done.wait()
-        answer = slot[0]
-        if isinstance(answer, _frames.Error):
-            raise _client_error(answer)
-        return answer
-
-    async def refresh(self, token: str) -> _frames.Refreshed:
-        """Replace the connection's token with a fresh one for the same sub;
-        its capabilities apply at once.  Raises ClientError if it is refused
-        (``client_mismatch`` also closes the connection)."""
-        answer = await self._request(_frames.Refresh(self._next_id(), token))
-        assert isinstance(answer, _frames.Refreshed)
-        self.expiring = trio.Event()
-        self.expiring_ttl = None
-        return answer
-
-    async def publish(self, session: str, payloads: Sequence[bytes], *, kind: int = 0,
-                      meta: Sequence[Any] | None = None, producer: tuple[str, int, int] | None = None,
-                      create: bool = False) -> Ack:
-        """Append records and wait until they are durable; returns the ack."""
-        answer = await self._request(_frames.Publish(
-            self._next_id(), session, tuple(payloads), kind,
-            None if meta is None else tuple(meta),
-            None if producer is None else _frames.Producer(*producer), create))
-        assert isinstance(answer, Ack)
-        return answer
-
-    async def signal(self, session: str, payload: bytes, meta: Any = None) -> Ack:
-        answer = await self._request(_frames.Signal(self._next_id(), session, payload, meta))
-        assert isinstance(answer, Ack)
-        return answer
-
-    async def attach(self, session: str, offset: int | str = "now", *, epoch: int | None = None,
-                     kinds: Sequence[int] | None = None, credit: int | None = None,
-                     create: bool = False) -> Subscription:
-        """Attach from ``offset`` (an int, "-1", "now" or an HTTP offset).
-
-        Raises SessionEnded if the session is gone or its epoch is not
-        ``epoch``, and ClientError for other refusals."""
-        frame = _frames.Attach(self._next_id(), session, _frames.parse_offset(offset), epoch,
-                               None if kinds is None else tuple(kinds), credit, create)
-        pending = _Pending(session)
-        self._subs[session] = pending       # catches an event that answers instead
-        try:
-            answer = await self._request(frame)
-        except ClientError:
-            self._subs.pop(session, None)
-            raise
-        if isinstance(answer, Event):
-            self._subs.pop(session, None)
-            raise SessionEnded(session, answer.event, answer.epoch)
-        assert isinstance(answer, Attached)
-        sub = Subscription(self, answer)
-        for early in pending.frames:
-            sub._deliver(early)
-        self._subs[session] = sub
-        return sub
-
-    async def _reader(self) -> None:
-        while True:
-            try:
-                message = await self.ws.get_message()
-            except trio_websocket.ConnectionClosed:
-                break
-            frame = _frames.decode(message if isinstance(message, bytes) else message.encode())
-            self._dispatch(frame)
-        if self.error is not None:
-            gone = _frames.Error(self.error.code, self.error.message)
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception in a (nested) group, or None if there are several."""
+    leaves: list[BaseException] = []
+    todo: list[BaseException] = [group]
+    while todo:
+        exc = todo.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
         else:
-            reason = self.ws.closed
-            gone = _frames.Error("connection_closed", "the connection closed" if reason is None
-                                 else f"the connection closed ({reason.code} {reason.reason})")
-        for done, slot in self._waiting.values():
-            slot.append(gone)
-            done.set()
-        self._waiting.clear()
-        for sub in self._subs.values():
-            sub._deliver(gone)
-        self._welcomed.set()          # connect() sees no welcome and raises
-
-    def _dispatch(self, frame: _frames.Frame) -> None:
-        if isinstance(frame, _frames.Welcome):
-            self.welcome = frame
-            self._welcomed.set()
-            return
-        if isinstance(frame, _frames.Ping):
-            assert self._nursery is not None
-            self._nursery.start_soon(self.send, _frames.Pong(frame.id))
-            return
-        if isinstance(frame, _frames.Expiring):
-            self.expiring_ttl = frame.ttl
-            self.expiring.set()
-            return
-        if isinstance(frame, _frames.Error) and frame.id is None and frame.session is None:
-            self.error = _client_error(frame)    # the server closes after most of these
-            return
-        request_id = getattr(frame, "id", None)
-        session = getattr(frame, "session", None)
-        if isinstance(frame, Event) and session in self._subs \
-                and isinstance(self._subs[session], _Pending):
-            # An attach answered with an event instead of attached.
-            for rid, (done, slot) in list(self._waiting.items()):
-                slot.append(frame)
-                del self._waiting[rid]
-                done.set()
-                break
-            return
-        if request_id is not None and request_id in self._waiting \
-                and not isinstance(frame, _frames.Pong):
-            done, slot = self._waiting.pop(request_id)
-            slot.append(frame)
-            done.set()
-            return
-        if session is not None and session in self._subs:
-            self._subs[session]._deliver(frame)
-
-
-class _Pending:
-    """Frames that arrive for a session between attach and attached."""
-
-    def __init__(self, session: str) -> None:
-        self.session = session
-        self.frames: list[_frames.Frame] = []
-
-    def _deliver(self, frame: _frames.Frame) -> None:
-        self.frames.append(frame)
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
 
 
 @asynccontextmanager
-async def connect(url: str, *, client: str | None = None, token: str | None = None,
-                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Client]:
-    """Open a connection, say hello, and yield the Client.  Raises
-    ClientError if the hello is refused (``unauthorized``, ``token_invalid``,
-    ``token_expired``, ``client_mismatch``).  ``ssl_context`` is for a
-    ``wss://`` URL whose certificate the system does not trust (a private CA)."""
-    async with trio_websocket.open_websocket_url(url, subprotocols=[SUBPROTOCOL],
-                                                 message_queue_size=1024,
-                                                 ssl_context=ssl_context) as ws:
-        c = Client(ws)
+async def open_connection(url: str, *, client_id: str | None = None, token: str | None = None,
+                          ssl_context: ssl.SSLContext | None = None,
+                          timeout: float = 10.0) -> AsyncIterator[Connection]:
+    """Open one connection, say hello, and yield it; it is closed (politely)
+    on the way out.  Raises ClientError if the hello is refused
+    (``unauthorized``, ``token_invalid``, ``token_expired``,
+    ``client_mismatch``) or the dial fails.  No reconnect: for that, use
+    ``connect``."""
+    transport = await dial_websocket(url, ssl_context=ssl_context, timeout=timeout)
+    conn = Connection(transport)
+    try:
+        await conn.hello(_frames.Hello(client_id, token), timeout)
+    except BaseException:
+        await transport.aclose()
+        raise
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conn.run)
+            try:
+                yield conn
+            finally:
+                await conn.close()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        exc = _unwrap(group)
+        if exc is None:
+            raise
+        raise exc from exc.__cause__
+
+
+# ================================================================ the reconnecting client
+
+# Publish and signal refusals that pass if sent again (the same stamp, so
+# safely); anything else is the caller's to see.
+_RETRY_CODES: Final = frozenset({"rate_limited", "unavailable", "storage_error"})
+# Connection-level refusals that no retry can fix.
+_FATAL_CODES: Final = frozenset({"unauthorized", "token_invalid", "client_mismatch",
+                                 "hello_required", "bad_url", "bad_handshake",
+                                 "bad_subprotocol", "tls_failed"})
+# Close codes that say the client itself is broken: sending again would repeat it.
+_FATAL_CLOSES: Final = frozenset({1002, 1003, 1007, 1009, 1010, 4000})
+
+TokenSource = str | Callable[[], str | Awaitable[str]] | None
+
+
+class Client:
+    """A logical connection that outlives real ones (see the module's theory
+    of operation).  Made by ``connect``; use ``session(name)`` for the rest.
+
+    ``state`` is CONNECTING, CONNECTED, RECONNECTING or CLOSED; ``error`` is
+    why it closed on its own (None while it runs, or when closed by its
+    owner); ``connects`` counts the connections that got a welcome."""
+
+    def __init__(self, url: str, *, token: TokenSource = None, client_id: str | None = None,
+                 dial: Dial, backoff: Backoff, connect_timeout: float, window: int,
+                 max_retry_wait: float, rng: random.Random | None) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.url = url
+        self.client_id = client_id
+        self.backoff = backoff
+        self.window = window
+        self.max_retry_wait = max_retry_wait
+        self.state = State.CONNECTING
+        self.error: ClientError | None = None
+        self.connection: Connection | None = None
+        self.welcome: _frames.Welcome | None = None
+        self.connects = 0
+        self.producer_id = f"{client_id or 'client'}/{secrets.token_hex(8)}"
+        self._token = token
+        self._dial = dial
+        self._connect_timeout = connect_timeout
+        self._rng = rng or random.Random()
+        self._state_changed = anyio.Event()
+        self._wake = anyio.Event()
+        self._subs: dict[str, Subscription[Any]] = {}
+        self._pipes: dict[str, _Pipeline] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ------------------------------------------------------------ public
+
+    def session(self, name: str) -> Session:
+        """A handle on session ``name`` (cheap; nothing is sent)."""
+        if type(name) is not str or not name:
+            raise ValueError("a session name is a non-empty string")
+        return Session(self, name)
+
+    async def wait_for(self, *states: State) -> State:
+        """Wait until the state is one of ``states``; returns it."""
+        while self.state not in states:
+            await self._state_changed.wait()
+        return self.state
+
+    async def aclose(self) -> None:
+        """Close: pending calls raise ClientClosed, subscriptions end."""
+        if self.state is not State.CLOSED:
+            self._close(ClientClosed(), by_owner=True)
+        conn = self.connection
+        if conn is not None:
+            await conn.close()
+
+    # ------------------------------------------------------------ state
+
+    def _set_state(self, state: State) -> None:
+        if state is not self.state:
+            self.state = state
+            event, self._state_changed = self._state_changed, anyio.Event()
+            event.set()
+
+    def _closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _check_open(self) -> None:
+        if self.state is State.CLOSED:
+            raise (self.error or ClientClosed()).with_traceback(None)
+
+    def _close(self, error: ClientError, by_owner: bool = False) -> None:
+        """Close for good: every waiting call and subscription gets ``error``."""
+        if not by_owner:
+            self.error = error
+            logger.warning("broker client %s closed: %s", self.url, error)
+        self._set_state(State.CLOSED)
+        for sub in list(self._subs.values()):
+            sub._fail(error)
+        for pipe in self._pipes.values():
+            pipe.fail_all(error)
+        self._poke()
+
+    async def _token_now(self) -> str | None:
+        source = self._token
+        if source is None or isinstance(source, str):
+            return source
+        got = source()
+        if not isinstance(got, str):
+            got = await got
+        return got
+
+    # ------------------------------------------------------------ supervisor
+
+    async def _supervise(self) -> None:
+        attempt = 0
+        down_since = anyio.current_time()
+        while self.state is not State.CLOSED:
+            failure = await self._connect_once()
+            now = anyio.current_time()
+            if failure.up_for is not None:
+                down_since = now
+                if failure.up_for >= self.backoff.maximum:
+                    attempt = 0
+            if self._closed():
+                return
+            error = failure.error
+            if self._fatal(error):
+                self._close(error)
+                return
+            give_up = self.backoff.give_up_after
+            if give_up is not None and now - down_since >= give_up:
+                self._close(ConnectionLost(
+                    CloseInfo(1006, "gave up"),
+                    f"no connection for {now - down_since:.3g} s, the last attempt: {error}"))
+                return
+            self._set_state(State.RECONNECTING if self.connects else State.CONNECTING)
+            delay = self.backoff.delay(attempt, self._rng)
+            logger.info("broker client %s: %s; reconnecting in %.3g s", self.url, error, delay)
+            attempt += 1
+            await anyio.sleep(delay)
+
+    def _fatal(self, error: ClientError) -> bool:
+        if isinstance(error, _DialError):
+            return error.permanent
+        if error.code == "token_expired":
+            # A provider gives a fresh token next time; a fixed token stays expired.
+            return not callable(self._token)
+        if isinstance(error, ConnectionLost):
+            return error.close.code in _FATAL_CLOSES
+        return error.code in _FATAL_CODES
+
+    async def _connect_once(self) -> _Outcome:
         try:
-            async with trio.open_nursery() as nursery:
-                c._nursery = nursery
-                nursery.start_soon(c._reader)
-                await c.send(_frames.Hello(client, token))
-                await c._welcomed.wait()
-                if c.welcome is None:
-                    nursery.cancel_scope.cancel()
-                else:
-                    try:
-                        yield c
-                    finally:
-                        nursery.cancel_scope.cancel()
+            token = await self._token_now()
+        except Exception as exc:
+            logger.exception("broker client: the token provider failed")
+            return _Outcome(ClientError("token_unavailable", f"the token provider failed: {exc}"))
+        try:
+            transport = await self._dial(self.url)
+        except ClientError as exc:
+            return _Outcome(exc)
+        except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
+            return _Outcome(ClientError("connect_failed", str(exc) or type(exc).__name__))
+        conn = Connection(transport)
+        try:
+            await conn.hello(_frames.Hello(self.client_id, token), self._connect_timeout)
+        except ClientError as exc:
+            await transport.aclose()
+            return _Outcome(exc)
+        except BaseException:
+            await transport.aclose()
+            raise
+        up_at = anyio.current_time()
+        self.connection, self.welcome = conn, conn.welcome
+        if self.client_id is None and conn.welcome is not None:
+            # Keep the name the server gave: producer state is kept per
+            # publisher, and an unnamed client would be a new one (a new
+            # ``anon-`` id) on every connection, so its resends could not
+            # be recognised.
+            self.client_id = conn.welcome.client
+        self.connects += 1
+        self._set_state(State.CONNECTED)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, conn)
+                tg.start_soon(self._refresher, conn)
+                await conn.run()
+                tg.cancel_scope.cancel()
         finally:
-            if ws.closed is not None:
-                # trio-websocket 0.12 leaves the socket open when the server
-                # closed first (its aclose returns early): close it here.
-                stream = getattr(ws, "_stream", None)
-                if isinstance(stream, trio.abc.AsyncResource):
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
-    if c.welcome is None:            # raised out here, not wrapped in a nursery's group
-        raise c.error or ClientError("connection_closed", "the connection closed before welcome")
+            self.connection = None
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+        assert conn._gone is not None
+        return _Outcome(conn._gone, anyio.current_time() - up_at)
+
+    async def _refresher(self, conn: Connection) -> None:
+        """With a token provider, answer the server's ``expiring`` with a
+        ``refresh``; if that fails, the connection ends at expiry and the next
+        one says hello with a fresh token."""
+        if not callable(self._token):
+            return
+        while True:
+            await conn.expiring.wait()
+            try:
+                token = await self._token_now()
+                if token is not None:
+                    await conn.refresh(token)
+                    continue
+            except ClientError as exc:
+                logger.warning("broker client: refresh refused: %s", exc)
+            except Exception:
+                logger.exception("broker client: the token provider failed")
+            return
+
+    # ------------------------------------------------------------ the pump
+
+    async def _pump(self, conn: Connection) -> None:
+        """Every send on ``conn``: attaches, credit and batches, in rounds;
+        it sleeps until poked or until a paused retry is due."""
+        try:
+            while True:
+                self._wake = anyio.Event()
+                due = await self._service(conn)
+                with anyio.move_on_at(due):
+                    await self._wake.wait()
+        except ClientError:
+            await conn.transport.aclose()     # a failed send: make sure ``run`` ends too
+
+    async def _service(self, conn: Connection) -> float:
+        now = anyio.current_time()
+        due = math.inf
+        for sub in list(self._subs.values()):
+            due = min(due, await sub._service(conn, now))
+        for pipe in list(self._pipes.values()):
+            due = min(due, await pipe.service(conn, now))
+        return due
+
+    def _pipe(self, session: str) -> _Pipeline:
+        pipe = self._pipes.get(session)
+        if pipe is None:
+            pipe = self._pipes[session] = _Pipeline(self, session)
+        return pipe
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    error: ClientError              # why the connection ended, or why there was none
+    up_for: float | None = None     # seconds it was up, if it got a welcome
+
+
+def _retry_delay(client: Client, error: _frames.Error, failures: int) -> float | None:
+    """Seconds to wait before sending a refused request again, or None if it
+    must not be (the refusal is final, or the server asks for too long)."""
+    if error.code not in _RETRY_CODES:
+        return None
+    if error.retry_after is not None:
+        return error.retry_after if error.retry_after <= client.max_retry_wait else None
+    return client.backoff.delay(failures, client._rng)
+
+
+# ---------------------------------------------------------------- publishing
+
+class _Entry:
+    """One publish call (or one part of a streamed message), until it settles."""
+
+    __slots__ = ("payloads", "meta", "kind", "create", "nbytes", "result", "error", "done")
+
+    def __init__(self, payloads: tuple[bytes, ...], meta: tuple[Any, ...] | None, kind: int,
+                 create: bool) -> None:
+        self.payloads = payloads
+        self.meta = meta
+        self.kind = kind
+        self.create = create
+        # What the records take in a frame (msgpack adds at most 5 bytes each).
+        self.nbytes = sum(len(p) + 5 for p in payloads) + (
+            len(msgpack.packb(list(meta), use_bin_type=True)) if meta is not None else 0)
+        self.result: range | None = None
+        self.error: ClientError | None = None
+        self.done = anyio.Event()
+
+    def resolve(self, result: range | None) -> None:
+        if not self.done.is_set():
+            self.result = result
+            self.done.set()
+
+    def fail(self, error: ClientError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def wait(self) -> range | None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        return self.result
+
+
+class _Batch:
+    """Entries sent as one ``publish`` frame under one stamp.  Its records
+    never change once stamped; ``restamp`` marks a batch that must take a new
+    stamp (of a new producer epoch) before it is sent again."""
+
+    __slots__ = ("entries", "epoch", "seq", "conn", "request_id", "restamp")
+
+    def __init__(self, entries: list[_Entry], epoch: int, seq: int) -> None:
+        self.entries = entries
+        self.epoch = epoch
+        self.seq = seq
+        self.conn: Connection | None = None      # the connection it was last sent on
+        self.request_id = -1                     # of that send; other answers are stale
+        self.restamp = False
+
+    def frame(self, request_id: int, session: str, producer: str) -> _frames.Publish:
+        first = self.entries[0]
+        payloads = tuple(p for e in self.entries for p in e.payloads)
+        meta = None
+        if any(e.meta is not None for e in self.entries):
+            meta = tuple(m for e in self.entries
+                         for m in (e.meta if e.meta is not None else (None,) * len(e.payloads)))
+        return _frames.Publish(request_id, session, payloads, first.kind, meta,
+                               _frames.Producer(producer, self.epoch, self.seq), first.create)
+
+
+class _Pipeline:
+    """A session's publishes: calls waiting to be sent (``queue``) and
+    batches sent and not yet acknowledged (``batches``, in seq order).
+
+    The producer rules (docs/protocol.md) make a resend safe only if it is
+    the same records under the same stamp, so:
+
+    * after a cut, every unacknowledged batch is sent again as it was;
+    * a refusal that may pass (``rate_limited``, ``unavailable``,
+      ``storage_error``) pauses the pipeline and sends the refused batch and
+      every later one again (the later ones were refused as a sequence gap);
+    * any other refusal fails that batch's calls; the producer moves to a new
+      epoch, and the later batches are stamped again in it.  They wait until
+      every batch of the old epoch has settled: a batch of the old epoch sent
+      again after the new epoch was accepted would be refused as stale even
+      if it had been stored;
+    * ``batch_too_large`` for a batch of several calls (merging outgrew the
+      connection's publish burst) splits it into one batch per call, stamped
+      again in place, and halves how much is merged from then on;
+    * ``stale_producer_epoch`` (someone else uses this producer id) fails
+      everything.
+    """
+
+    MAX_IN_FLIGHT: Final = 64             # batches on the wire per session
+    MAX_BATCH_RECORDS: Final = 1000       # merged into one frame at most
+    MAX_BATCH_BYTES: Final = 256 << 10
+    MAX_QUEUED_BYTES: Final = 4 << 20     # submit waits beyond this
+
+    def __init__(self, client: Client, session: str) -> None:
+        self.client = client
+        self.session = session
+        self.producer = client.producer_id
+        self.epoch = 0
+        self.next_seq = 0
+        self.queue: deque[_Entry] = deque()
+        self.queued_bytes = 0
+        self.batches: deque[_Batch] = deque()
+        self.paused_until = -math.inf
+        self.failures = 0                     # retriable refusals in a row
+        self.merge_records = self.MAX_BATCH_RECORDS   # halved by each batch_too_large
+        self._room = anyio.Event()
+
+    # ------------------------------------------------------------ callers
+
+    async def submit(self, entry: _Entry) -> None:
+        await self.wait_for_room()
+        self.enqueue(entry)
+
+    async def wait_for_room(self) -> None:
+        """Wait while the queue holds more than MAX_QUEUED_BYTES (the
+        publisher outruns the link)."""
+        self.client._check_open()
+        while self.queued_bytes > self.MAX_QUEUED_BYTES:
+            if self._room.is_set():        # waiters share one event until it is set
+                self._room = anyio.Event()
+            await self._room.wait()
+            self.client._check_open()
+
+    def enqueue(self, entry: _Entry) -> None:
+        self.client._check_open()
+        limit = self._frame_limit()
+        if entry.nbytes > limit:
+            raise ClientError("message_too_large", f"{entry.nbytes} bytes of records do not fit "
+                              f"in one message of at most {limit} bytes: split them",
+                              self.session)
+        self.queue.append(entry)
+        self.queued_bytes += entry.nbytes
+        self.client._poke()
+
+    def _frame_limit(self) -> int:
+        welcome = self.client.welcome
+        max_message = welcome.max_message if welcome is not None else 1 << 20
+        return max_message - 200 - len(self.session.encode()) - len(self.producer.encode())
+
+    def fail_all(self, error: ClientError) -> None:
+        for batch in self.batches:
+            for entry in batch.entries:
+                entry.fail(error)
+        for entry in self.queue:
+            entry.fail(error)
+        self.batches.clear()
+        self.queue.clear()
+        self.queued_bytes = 0
+        self._room.set()
+
+    # ------------------------------------------------------------ the pump's side
+
+    async def service(self, conn: Connection, now: float) -> float:
+        """Send what is due on ``conn``; returns when to look again."""
+        # Answers arrive during each send and may pause, rewind or fence the
+        # pipeline, so every step looks at its state afresh.
+        while True:
+            if anyio.current_time() < self.paused_until:
+                return self.paused_until
+            batch = next((b for b in self.batches if b.restamp or b.conn is not conn), None)
+            if batch is None:
+                break
+            if batch.restamp:
+                if self._fenced():
+                    return math.inf
+                for later in self.batches:
+                    if later.restamp:
+                        later.epoch, later.seq, later.restamp = self.epoch, self.next_seq, False
+                        self.next_seq += 1
+                continue
+            await self._send(batch, conn)
+        while self.queue and len(self.batches) < self.MAX_IN_FLIGHT and not self._fenced():
+            if anyio.current_time() < self.paused_until:
+                return self.paused_until
+            batch = self._form()
+            self.batches.append(batch)
+            await self._send(batch, conn)
+        return math.inf
+
+    def _fenced(self) -> bool:
+        """Batches of an older epoch are unsettled: the new epoch must wait."""
+        return any(b.epoch < self.epoch and not b.restamp for b in self.batches)
+
+    def _form(self) -> _Batch:
+        first = self.queue.popleft()
+        entries, records, size = [first], len(first.payloads), first.nbytes
+        limit = min(self.MAX_BATCH_BYTES, self._frame_limit())
+        while self.queue:
+            e = self.queue[0]
+            if (e.kind != first.kind or e.create != first.create
+                    or records + len(e.payloads) > self.merge_records
+                    or size + e.nbytes > limit):
+                break
+            entries.append(self.queue.popleft())
+            records += len(e.payloads)
+            size += e.nbytes
+        self.queued_bytes -= size
+        self._room.set()
+        batch = _Batch(entries, self.epoch, self.next_seq)
+        self.next_seq += 1
+        return batch
+
+    async def _send(self, batch: _Batch, conn: Connection) -> None:
+        request_id = conn.next_id()
+        batch.conn, batch.request_id = conn, request_id
+        await conn.send_request(
+            batch.frame(request_id, self.session, self.producer),
+            lambda answer: self._answer(batch, request_id, answer))
+
+    def _answer(self, batch: _Batch, request_id: int, answer: _frames.Frame | ClientError) -> None:
+        if batch.request_id != request_id or batch not in self.batches:
+            return                           # an answer to an earlier send of it
+        if isinstance(answer, ClientError):
+            batch.conn = None                # the connection ended: send it again on the next
+            return
+        if isinstance(answer, Ack):
+            self.batches.remove(batch)
+            self.failures = 0
+            offset = answer.offset
+            for entry in batch.entries:
+                if offset is None:           # dup: stored before, offsets not known here
+                    entry.resolve(None)
+                else:
+                    entry.resolve(range(offset, offset + len(entry.payloads)))
+                    offset += len(entry.payloads)
+            self.client._poke()
+            return
+        assert isinstance(answer, _frames.Error)
+        delay = _retry_delay(self.client, answer, self.failures)
+        if delay is not None:
+            self.failures += 1
+            self.paused_until = anyio.current_time() + delay
+            at = self.batches.index(batch)
+            for later in itertools.islice(self.batches, at, None):
+                # Their answers still on the way (sequence gaps) are now stale.
+                later.conn, later.request_id = None, -1
+            self.client._poke()
+            return
+        error = _client_error(answer)
+        if answer.code == "stale_producer_epoch":
+            self.fail_all(error)
+            return
+        at = self.batches.index(batch)
+        del self.batches[at]
+        if answer.code == "batch_too_large" and len(batch.entries) > 1:
+            self.merge_records = max(1, self.merge_records // 2)
+            for entry in reversed(batch.entries):
+                single = _Batch([entry], batch.epoch, batch.seq)
+                single.restamp = True
+                self.batches.insert(at, single)
+        else:
+            for entry in batch.entries:
+                entry.fail(error)
+        at_fault = batch.epoch
+        self.epoch = max(self.epoch, at_fault + 1)
+        self.next_seq = 0
+        for later in itertools.islice(self.batches, at, None):
+            if later.epoch == at_fault:
+                later.restamp, later.conn, later.request_id = True, None, -1
+        self.client._poke()
+
+
+# ---------------------------------------------------------------- subscriptions
+
+class Subscription(Generic[T]):
+    """Records of one session from an offset on, across reconnects.
+
+    Iterate it (``async for``); use it as an async context manager, or call
+    ``aclose``, to end it.  ``cursor`` is the offset after the last record
+    yielded (or past the records a ``kinds`` filter skipped, once caught up),
+    with the epoch: save it, and pass it to a later ``subscribe`` to go on
+    from there.  Iteration ends when the session is closed and read to its
+    end, and raises EpochChanged, SessionDeleted, or ClientError for a
+    refusal (``forbidden``, ``offset_too_old``, ...) or a closed client.
+
+    A client holds one subscription per session at a time: subscribing again
+    to a session closes the previous subscription unless it is being iterated
+    right now (then ``already_subscribed``)."""
+
+    def __init__(self, client: Client, session: str, start: Cursor,
+                 kinds: Sequence[int] | None, create: bool,
+                 convert: Callable[[Record], T | None]) -> None:
+        self.client = client
+        self.session = session
+        self.kinds = None if kinds is None else tuple(kinds)
+        self.epoch = start.epoch
+        self.up_to_date = False          # caught up once: read all that was durable at attach
+        self._cursor = start.offset      # START or NOW until the first attach resolves it
+        self._create = create
+        self._convert = convert
+        self._next: int | None = None    # where to attach again: past what was received
+        self._buffer: deque[Record | int] = deque()   # records, and up_to_date offsets
+        self._held = 0                   # records in the buffer
+        self._consumed = 0               # records yielded since credit was last granted
+        self._end: BaseException | None = None        # raised once the buffer is empty
+        self._conn: Connection | None = None          # attached or attaching on it
+        self._attached = False
+        self._retry_at = -math.inf
+        self._failures = 0
+        self._registered = False
+        self._closed = False
+        self._iterating = False
+        self._wake = anyio.Event()
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self._cursor, self.epoch)
+
+    # ------------------------------------------------------------ caller side
+
+    async def _open(self) -> None:
+        if self._registered:
+            return
+        self.client._check_open()
+        old = self.client._subs.get(self.session)
+        if old is not None and old is not self:
+            if old._iterating:
+                raise ClientError("already_subscribed", f"session {self.session!r} already has "
+                                  "a subscription being iterated on this client", self.session)
+            await old.aclose()
+        self._registered = True
+        self.client._subs[self.session] = self
+        self.client._poke()
+
+    async def __aenter__(self) -> Subscription[T]:
+        await self._open()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        await self._open()
+        if self._iterating:
+            raise ClientError("already_iterating", "another task is iterating this "
+                              "subscription", self.session)
+        self._iterating = True
+        try:
+            while True:
+                if self._closed and self._end is None:
+                    raise StopAsyncIteration
+                if self._buffer:
+                    item = self._buffer.popleft()
+                    if isinstance(item, int):
+                        # Past what a kinds filter skipped, and never past a
+                        # record still buffered (those come after ``item``).
+                        self._cursor = max(self._cursor, item)
+                        self.up_to_date = True
+                        continue
+                    self._held -= 1
+                    self._consumed += 1
+                    self._cursor = item.offset + 1
+                    if self._consumed >= max(1, self.client.window // 2):
+                        self.client._poke()       # the pump grants more credit
+                    out = self._convert(item)
+                    if out is not None:
+                        return out
+                    continue
+                if self._end is not None:
+                    await self._release()
+                    raise self._end.with_traceback(None)
+                self._wake = anyio.Event()
+                await self._wake.wait()
+        finally:
+            self._iterating = False
+
+    async def aclose(self) -> None:
+        """End the subscription (detaching on the server)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        await self._release()
+
+    async def _release(self) -> None:
+        self._closed = True
+        if self.client._subs.get(self.session) is self:
+            del self.client._subs[self.session]
+        conn, self._conn = self._conn, None
+        if conn is not None and self._end is None and conn._gone is None:
+            with anyio.move_on_after(5):
+                try:
+                    await conn.detach(self.session)
+                except ClientError:
+                    pass           # gone, or already ended: either way not attached
+        self.client._poke()        # a successor may be waiting for the session's route
+
+    def _fail(self, error: BaseException) -> None:
+        if self._end is None:
+            self._end = error
+        self._wake.set()
+
+    # ------------------------------------------------------------ the pump's side
+
+    async def _service(self, conn: Connection, now: float) -> float:
+        if self._closed or self._end is not None:
+            return math.inf
+        if self._conn is conn:
+            if self._attached and self._consumed >= max(1, self.client.window // 2):
+                n, self._consumed = self._consumed, 0
+                await conn.send(_frames.Credit(self.session, n))
+            return math.inf
+        if self._retry_at > now:
+            return self._retry_at
+        if conn.has_route(self.session):
+            return math.inf          # the previous subscription's detach is in flight
+        offset = self._next if self._next is not None else self._cursor
+        request_id = conn.next_id()
+        self._conn, self._attached = conn, False
+        self._consumed = 0
+        frame = _frames.Attach(request_id, self.session, offset, self.epoch, self.kinds,
+                               max(1, self.client.window - self._held),
+                               self._create and self._next is None)
+        await conn.send_request(frame, lambda a: self._on_attach(conn, a), self._on_frame)
+        return math.inf
+
+    def _on_attach(self, conn: Connection, answer: _frames.Frame | ClientError) -> None:
+        if self._conn is not conn:
+            return
+        if isinstance(answer, ClientError):
+            self._conn = None                 # attach again on the next connection
+            return
+        if isinstance(answer, Attached):
+            self._attached = True
+            self._failures = 0
+            if self.epoch is None:
+                self.epoch = answer.epoch
+            if self._next is None:
+                self._next = answer.offset
+                if self._cursor < 0:          # START or NOW, now resolved
+                    self._cursor = answer.offset
+            return
+        if isinstance(answer, Event):
+            self._conn = None
+            self._fail(_ended(self.session, answer, self.epoch))
+            return
+        assert isinstance(answer, _frames.Error)
+        self._conn = None
+        delay = _retry_delay(self.client, answer, self._failures)
+        if delay is not None:
+            self._failures += 1
+            self._retry_at = anyio.current_time() + delay
+            self.client._poke()
+            return
+        self._fail(_client_error(answer))
+
+    def _on_frame(self, frame: _frames.Frame | ClientError) -> None:
+        if isinstance(frame, ClientError):
+            self._conn, self._attached = None, False     # attach again on the next one
+            return
+        if self._closed:
+            return
+        if isinstance(frame, Data):
+            nxt = self._next if self._next is not None else 0
+            for record in frame.records:
+                if record.offset >= nxt:     # never twice, whatever a server resends
+                    self._buffer.append(record)
+                    self._held += 1
+                    nxt = record.offset + 1
+            self._next = nxt
+        elif isinstance(frame, UpToDate):
+            self._next = max(self._next or 0, frame.next)
+            self._buffer.append(frame.next)
+        elif isinstance(frame, Event):
+            self._conn = None
+            if frame.event == "closed":
+                self._end = StopAsyncIteration()
+            else:
+                self._end = _ended(self.session, frame, self.epoch)
+        elif isinstance(frame, _frames.Error):
+            self._conn = None
+            self._end = _client_error(frame)
+        self._wake.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """A signal record, read by ``Session.signals``.
+
+    By this client's convention a signal's meta is a map: ``"signal"`` names
+    its type (``cancel``, ``approve``, ``input``, or the sender's own),
+    ``"id"`` is unique per signal, ``"ref"`` is what it answers, if anything,
+    and ``"approved"`` the answer of an ``approve``.  Signals sent some other
+    way have ``type``, ``id`` and ``ref`` None."""
+
+    record: Record
+    type: str | None
+    id: str | None
+    ref: str | None
+
+    @property
+    def payload(self) -> bytes:
+        return self.record.payload
+
+    @property
+    def offset(self) -> int:
+        return self.record.offset
+
+    @property
+    def publisher(self) -> str | None:
+        return self.record.publisher
+
+    @property
+    def meta(self) -> Any:
+        return self.record.meta
+
+    @property
+    def approved(self) -> bool | None:
+        meta = self.record.meta
+        return bool(meta.get("approved")) if isinstance(meta, dict) and "approved" in meta \
+            else None
+
+
+def _signal_reader() -> Callable[[Record], Signal | None]:
+    """Records -> Signals, dropping a repeat of an id seen lately.  This
+    client's signals land once (they carry a producer stamp), but a sender
+    using the ``signal`` frame, which has none, may store one twice when it
+    sends again after a cut."""
+    seen: set[str] = set()
+    order: deque[str] = deque()
+
+    def convert(record: Record) -> Signal | None:
+        meta = record.meta if isinstance(record.meta, dict) else {}
+        sid, kind, ref = meta.get("id"), meta.get("signal"), meta.get("ref")
+        sid = sid if isinstance(sid, str) else None
+        if sid is not None:
+            if sid in seen:
+                return None
+            seen.add(sid)
+            order.append(sid)
+            if len(order) > 4096:
+                seen.discard(order.popleft())
+        return Signal(record, kind if isinstance(kind, str) else None, sid,
+                      ref if isinstance(ref, str) else None)
+
+    return convert
+
+
+# ---------------------------------------------------------------- sessions
+
+class Session:
+    """One session, through a Client: publish, subscribe, signal."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r}>"
+
+    async def publish(self, payloads: bytes | Sequence[bytes], *, kind: int = 0,
+                      meta: Sequence[Any] | None = None, create: bool = False) -> range | None:
+        """Append records, atomically, and wait until they are durable.
+
+        Returns their offsets, or None in one case: the connection dropped
+        after the server stored them and before it said so, and the resend
+        was recognised as a duplicate (the records are there once; the server
+        does not say where).  Calls made while earlier ones are on the wire
+        may share one frame, and then succeed or fail together."""
+        entry = self._entry(payloads, kind, meta, create)
+        await self.client._pipe(self.name).submit(entry)
+        return await entry.wait()
+
+    def _entry(self, payloads: bytes | Sequence[bytes], kind: int,
+               meta: Sequence[Any] | None, create: bool) -> _Entry:
+        if isinstance(payloads, (bytes, bytearray, memoryview)):
+            payloads = [bytes(payloads)]
+        records = tuple(bytes(p) for p in payloads)
+        if not records:
+            raise ValueError("publish needs at least one record")
+        metas = None if meta is None else tuple(meta)
+        if metas is not None and len(metas) != len(records):
+            raise ValueError(f"meta has {len(metas)} values for {len(records)} records")
+        # The frame checks every field, here in the caller rather than in the pump.
+        _frames.Publish(0, self.name, records, kind, metas, None, create)
+        return _Entry(records, metas, kind, create)
+
+    def subscribe(self, offset: int | str | Cursor = "-1", *, epoch: int | None = None,
+                  kinds: Sequence[int] | None = None,
+                  create: bool = False) -> Subscription[Record]:
+        """Records from ``offset`` on: ``"-1"`` (the oldest retained), ``"now"``,
+        an integer, an HTTP offset, or a saved ``Cursor`` (or its text).  An
+        ``epoch`` (or the cursor's) makes a resume into a re-created session
+        raise EpochChanged instead of reading the new session's records."""
+        start = _start_of(offset, epoch)
+        _frames.Attach(0, self.name, start.offset, start.epoch,
+                       None if kinds is None else tuple(kinds), None, create)
+        return Subscription(self.client, self.name, start, kinds, create, lambda record: record)
+
+    def signals(self, offset: int | str | Cursor = "now", *,
+                epoch: int | None = None) -> Subscription[Signal]:
+        """The session's signals (kind 1) from ``offset`` on, as Signal
+        objects: what an agent iterates to hear cancel, approve and input."""
+        return Subscription(self.client, self.name, _start_of(offset, epoch), (1,), False,
+                            _signal_reader())
+
+    async def signal(self, payload: bytes = b"", *, type: str | None = None,
+                     ref: str | None = None, meta: Mapping[str, Any] | None = None) -> int | None:
+        """Send a signal (a durable record of kind 1); returns its offset once
+        durable (None as for ``publish``).  Its meta is ``meta`` plus ``"id"``
+        (new) and, if given, ``"signal": type`` and ``"ref": ref``.  It goes
+        through the session's publish pipeline as a publish of kind 1, so it
+        lands exactly once, in order with this client's other publishes; the
+        token needs ``signal`` on the session, as for the ``signal`` frame."""
+        full: dict[str, Any] = dict(meta or {})
+        full["id"] = secrets.token_hex(8)
+        if type is not None:
+            full["signal"] = type
+        if ref is not None:
+            full["ref"] = ref
+        got = await self.publish([bytes(payload)], kind=1, meta=[full])
+        return None if got is None else got.start
+
+    async def cancel(self, reason: str = "") -> int | None:
+        """Ask the agent to stop (signal type ``cancel``; the payload is the reason)."""
+        return await self.signal(reason.encode(), type="cancel")
+
+    async def approve(self, ref: str | None = None, *, approved: bool = True,
+                      note: str = "") -> int | None:
+        """Answer an agent's request for approval (``ref`` names it)."""
+        return await self.signal(note.encode(), type="approve", ref=ref,
+                                 meta={"approved": approved})
+
+    async def input(self, data: bytes | str, *, ref: str | None = None) -> int | None:
+        """Send human input to the agent (signal type ``input``)."""
+        return await self.signal(data.encode() if isinstance(data, str) else data,
+                                 type="input", ref=ref)
+
+    def stream_message(self, *, kind: int = 0, meta: Mapping[str, Any] | None = None,
+                       linger: float = 0.02, max_bytes: int = 16 << 10) -> MessageStream:
+        """A message written piece by piece (model tokens), sent in parts:
+        see MessageStream."""
+        return MessageStream(self, kind, meta, linger, max_bytes)
+
+
+class MessageStream:
+    """A message streamed as it is produced::
+
+        async with session.stream_message() as m:
+            async for token in model_stream:
+                await m.append(token)
+
+    Appends are gathered for ``linger`` seconds, or until ``max_bytes``, and
+    each flush publishes one record of the bytes gathered (so 200 tokens a
+    second make about 50 records, not 200), pipelined: ``append`` does not
+    wait for acks.  Every part's meta is ``{"stream": id, "part": n}``, the
+    first one's also holds ``meta``; the last part has ``"end": true`` (and
+    ``"aborted": true`` if the block raised).  Leaving the block waits until
+    every part is durable and raises the first failure; ``offsets`` then
+    holds each part's offsets."""
+
+    def __init__(self, session: Session, kind: int, meta: Mapping[str, Any] | None,
+                 linger: float, max_bytes: int) -> None:
+        self.session = session
+        self.id = secrets.token_hex(8)
+        self.kind = kind
+        self.offsets: list[range | None] = []
+        self._meta = dict(meta or {})
+        self._linger = linger
+        self._max_bytes = max_bytes
+        self._buf = bytearray()
+        self._parts: list[_Entry] = []
+        self._lock = anyio.Lock()
+        self._pending = anyio.Event()
+        self._scope = anyio.CancelScope()        # the flusher's
+        self._error: ClientError | None = None   # a flush the flusher could not make
+        self._ended = False
+
+    async def __aenter__(self) -> MessageStream:
+        client = self.session.client
+        client._check_open()
+        assert client._tg is not None
+        client._tg.start_soon(self._flusher)
+        return self
+
+    async def append(self, delta: bytes | str) -> None:
+        if self._ended:
+            raise ClientError("stream_ended", "append after the message ended", self.session.name)
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        self._buf += delta.encode() if isinstance(delta, str) else delta
+        if len(self._buf) >= self._max_bytes:
+            await self.flush()
+        else:
+            self._pending.set()
+
+    async def flush(self) -> None:
+        """Send what was appended now, without waiting for ``linger``."""
+        async with self._lock:
+            if self._buf:
+                await self._part({}, True)
+
+    async def _part(self, extra: dict[str, Any], wait_for_room: bool) -> None:
+        pipe = self.session.client._pipe(self.session.name)
+        if wait_for_room:
+            await pipe.wait_for_room()
+        # From here on nothing awaits: a part is taken from the buffer only
+        # when it is queued, so a cancelled flush loses nothing.
+        meta = {"stream": self.id, "part": len(self._parts), **extra}
+        if not self._parts:
+            meta = {**self._meta, **meta}
+        entry = self.session._entry([bytes(self._buf)], self.kind, [meta], False)
+        pipe.enqueue(entry)
+        self._buf = bytearray()
+        self._parts.append(entry)
+
+    async def _flusher(self) -> None:
+        with self._scope:
+            try:
+                while True:
+                    await self._pending.wait()
+                    await anyio.sleep(self._linger)
+                    self._pending = anyio.Event()
+                    await self.flush()
+            except ClientError as exc:
+                self._error = exc
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._ended = True
+        self._scope.cancel()
+        if et is not None:
+            # Mark the message as cut short, without waiting: we may be cancelled.
+            try:
+                await self._part({"end": True, "aborted": True}, False)
+            except ClientError:
+                pass
+            return
+        async with self._lock:
+            await self._part({"end": True}, True)
+        error = self._error
+        for entry in self._parts:
+            try:
+                self.offsets.append(await entry.wait())
+            except ClientError as exc:
+                self.offsets.append(None)
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+# ---------------------------------------------------------------- connect
+
+@asynccontextmanager
+async def connect(url: str, *, token: TokenSource = None, client_id: str | None = None,
+                  ssl_context: ssl.SSLContext | None = None, backoff: Backoff | None = None,
+                  connect_timeout: float = 10.0, window: int = 1000,
+                  max_retry_wait: float = 60.0, dial: Dial | None = None,
+                  rng: random.Random | None = None) -> AsyncIterator[Client]:
+    """Run a Client for the block: it connects, and reconnects whenever the
+    connection drops, until the block ends.
+
+    ``token`` is a JWT, or a callable (sync or async) returning a fresh one,
+    called for every hello and whenever the server says the token is
+    expiring.  ``client_id`` goes in hello (with auth on it must be the
+    token's sub, or None).  ``ssl_context`` is for a ``wss://`` URL whose
+    certificate the system does not trust.  ``window`` is how many records a
+    subscription may hold unread.  A refusal whose ``retry_after`` is over
+    ``max_retry_wait`` seconds is raised instead of waited out.  ``dial``
+    replaces the WebSocket transport (it takes the URL and returns a
+    Transport).
+
+    Entering waits for the first connection; it raises the error if that
+    can never succeed (a refused token, a bad URL, a certificate that does
+    not verify), and keeps trying through errors that may pass (a server
+    that is not up yet), up to ``backoff.give_up_after``."""
+    dialer = dial or (lambda u: dial_websocket(u, ssl_context=ssl_context,
+                                               timeout=connect_timeout))
+    c = Client(url, token=token, client_id=client_id, dial=dialer,
+               backoff=backoff or Backoff(), connect_timeout=connect_timeout, window=window,
+               max_retry_wait=max_retry_wait, rng=rng)
+    failed: ClientError | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            c._tg = tg
+            tg.start_soon(c._supervise)
+            await c.wait_for(State.CONNECTED, State.CLOSED)
+            if c.state is State.CLOSED:
+                failed = c.error
+                tg.cancel_scope.cancel()
+            else:
+                try:
+                    yield c
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        await c.aclose()
+                    tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        exc = _unwrap(group)
+        if exc is None:
+            raise
+        raise exc from exc.__cause__
+    if failed is not None:
+        raise failed.with_traceback(None)

@@ -187,7 +187,7 @@ async def healthz(port: int) -> bytes:
 # ------------------------------------------------------------ the good clients
 
 async def publisher(url: str, stop: trio.Event, sent: list[int]) -> None:
-    async with broker.client.connect(url, client="publisher") as c:
+    async with broker.client.open_connection(url, client_id="publisher") as c:
         while not stop.is_set():
             n = len(sent)
             ack = await c.publish(SESSION, [b"%d" % n, b"%d" % (n + 1)])
@@ -197,7 +197,7 @@ async def publisher(url: str, stop: trio.Event, sent: list[int]) -> None:
 
 
 async def subscriber(url: str, got: list[int], target: list[int], done: trio.Event) -> None:
-    async with broker.client.connect(url, client="subscriber") as c:
+    async with broker.client.open_connection(url, client_id="subscriber") as c:
         sub = await c.attach(SESSION, len(got))
         async for record in sub:
             assert record.offset == len(got), (record.offset, len(got))
@@ -212,7 +212,7 @@ async def run_flood(server: Server, seed: int) -> tuple[Counter[str], int, int]:
     subscriber got; returns how the flood connections ended, how many records
     the publisher sent during it, and the server's peak RSS."""
     url = f"ws://127.0.0.1:{server.port}/v1/ws"
-    async with broker.client.connect(url, client="setup") as c:
+    async with broker.client.open_connection(url, client_id="setup") as c:
         start = (await c.attach(SESSION, "now", create=True)).offset
     sent: list[int] = list(range(start))
     got: list[int] = list(range(start))

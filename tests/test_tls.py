@@ -129,12 +129,18 @@ async def test_wss_publish_and_subscribe(tls: Served, pki: Pki) -> None:
 
 async def test_the_python_client_over_wss(tls: Served, pki: Pki) -> None:
     url = f"wss://127.0.0.1:{tls.port}/v1/ws"
-    async with client.connect(url, client="agent", ssl_context=pki.client_context()) as c:
-        ack = await c.publish("py", [b"a", b"b"], create=True)
-        sub = await c.attach("py", 0)
+    async with client.connect(url, client_id="agent", ssl_context=pki.client_context()) as c:
+        s = c.session("py")
+        offsets = await s.publish([b"a", b"b"], create=True)
+        sub = s.subscribe(0)
         with trio.fail_after(WAIT):
             got = [(await sub.__anext__()).payload for _ in range(2)]
-    assert ack.offset == 0 and got == [b"a", b"b"]
+    assert offsets == range(0, 2) and got == [b"a", b"b"]
+    # A certificate the client does not trust is refused, not retried.
+    with pytest.raises(client.ClientError) as e:
+        async with client.connect(url):
+            pass                                                    # pragma: no cover
+    assert e.value.code == "tls_failed"
 
 
 # ------------------------------------------------------- clients that fail

@@ -124,7 +124,7 @@ async def test_bad_frames_get_errors_and_the_connection_carries_on(raw: Any, ser
 async def test_broken_websocket_framing_closes_that_connection_only(raw: Any, 
         tmp_path: Path, send: Any, code: int) -> None:
     async with serve_in_process(tmp_path, WsConfig(max_message=64 * 1024)) as s:
-        async with client.connect(s.ws_url, client="bystander") as other:
+        async with client.open_connection(s.ws_url, client_id="bystander") as other:
             await other.publish("s", [b"before"], create=True)
             ws = await raw(s.port)
             await send(ws)
@@ -133,7 +133,7 @@ async def test_broken_websocket_framing_closes_that_connection_only(raw: Any,
 
 
 async def test_errors_for_sessions_and_requests(served: Served) -> None:
-    async with client.connect(served.ws_url) as c:
+    async with client.open_connection(served.ws_url) as c:
         with pytest.raises(client.ClientError) as e:
             await c.attach("missing", offset=0)
         assert e.value.code == "session_not_found"
@@ -160,7 +160,7 @@ async def test_errors_for_sessions_and_requests(served: Served) -> None:
 # ---------------------------------------------------------------- publish and attach
 
 async def test_publish_attach_multiplexed(served: Served) -> None:
-    async with client.connect(served.ws_url, client="agent") as c:
+    async with client.open_connection(served.ws_url, client_id="agent") as c:
         for name in ("a", "b"):
             ack = await c.publish(name, [b"%s%d" % (name.encode(), i) for i in range(3)],
                                   meta=[None, {"i": 1}, None], create=True)
@@ -183,7 +183,7 @@ async def test_publish_attach_multiplexed(served: Served) -> None:
 
 
 async def test_idempotent_producer_over_websocket(served: Served) -> None:
-    async with client.connect(served.ws_url) as c:
+    async with client.open_connection(served.ws_url) as c:
         first = await c.publish("s", [b"a", b"b"], producer=("p", 0, 0), create=True)
         assert (first.offset, first.count, first.dup) == (0, 2, False)
         again = await c.publish("s", [b"a", b"b"], producer=("p", 0, 0))
@@ -213,7 +213,7 @@ async def test_pipelined_publishes_ack_in_order(raw: Any, served: Served) -> Non
 
 
 async def test_subscribers_at_the_tail_share_one_frame(raw: Any, served: Served) -> None:
-    async with client.connect(served.ws_url) as pub:
+    async with client.open_connection(served.ws_url) as pub:
         await pub.publish("s", [b"x"], create=True)
         readers = [await raw(served.port) for _ in range(3)]
         for i, ws in enumerate(readers):
@@ -256,7 +256,7 @@ async def test_websocket_level_ping_gets_a_pong(raw: Any, served: Served) -> Non
 
 
 async def test_client_offset_moves_per_record_not_per_frame(served: Served) -> None:
-    async with client.connect(served.ws_url) as c:
+    async with client.open_connection(served.ws_url) as c:
         await c.publish("s", [b"a", b"b", b"c"], create=True)
         sub = await c.attach("s", offset=-1)
         async for record in sub:

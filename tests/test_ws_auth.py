@@ -111,7 +111,7 @@ async def refused(ws: RawWs, code: str) -> None:
         "huge"])
 async def test_hello_without_a_valid_token_is_refused(
         authed: Served, raw: Any, make: Callable[[], str | None], code: str) -> None:
-    async with client.connect(authed.ws_url, token=token()) as bystander:
+    async with client.open_connection(authed.ws_url, token=token()) as bystander:
         await bystander.publish("chat/x", [b"before"], create=True)
         ws = await raw(authed.port)
         await ws.send(_frames.Hello(None, make()))
@@ -263,7 +263,8 @@ async def test_allowed_frames_pass(authed: Served, raw: Any) -> None:
 
 
 async def test_a_token_for_another_session(authed: Served) -> None:
-    async with client.connect(authed.ws_url, token=token(caps={"chat/mine": ["*"]})) as c:
+    async with client.open_connection(authed.ws_url,
+                                      token=token(caps={"chat/mine": ["*"]})) as c:
         await authed.broker.create("chat/theirs")
         with pytest.raises(client.ClientError) as e:
             await c.attach("chat/theirs", offset=-1)
@@ -274,7 +275,7 @@ async def test_a_token_for_another_session(authed: Served) -> None:
 
 
 async def test_the_publisher_is_the_tokens_sub(authed: Served) -> None:
-    async with client.connect(authed.ws_url, token=token("agent-7")) as c:
+    async with client.open_connection(authed.ws_url, token=token("agent-7")) as c:
         assert c.welcome is not None and c.welcome.client == "agent-7"
         await c.publish("chat/p", [b"a"], create=True)
         await c.signal("chat/p", b"s")
@@ -374,7 +375,7 @@ async def test_a_refresh_moves_the_expiry_of_a_blocked_send(
 async def test_refresh_extends_the_connection(clocked: tuple[Served, Any],
                                               mock_clock: trio.testing.MockClock) -> None:
     s, at_now = clocked
-    async with client.connect(s.ws_url, token=at_now(ttl_s=120)) as c:
+    async with client.open_connection(s.ws_url, token=at_now(ttl_s=120)) as c:
         await c.publish("chat/a", [b"0"], create=True)
         await jump(mock_clock, 100)
         await c.expiring.wait()
@@ -390,18 +391,18 @@ async def test_refresh_extends_the_connection(clocked: tuple[Served, Any],
             async for _ in sub:
                 pass                                                # pragma: no cover
         assert e.value.code == "token_expired"
-        assert c.ws.closed is not None and c.ws.closed.code == 4001
+        assert c.closed is not None and c.closed.code == 4001
 
 
 async def test_refresh_for_another_sub_closes(authed: Served) -> None:
-    async with client.connect(authed.ws_url, token=token("alice")) as c:
+    async with client.open_connection(authed.ws_url, token=token("alice")) as c:
         sub = await c.attach("chat/a", offset="now", create=True)
         with pytest.raises(client.ClientError) as e:
             await c.refresh(token("bob"))
         assert e.value.code == "client_mismatch"
         with pytest.raises(client.ClientError):
             await sub.__anext__()
-        assert c.ws.closed is not None and c.ws.closed.code == 4001
+        assert c.closed is not None and c.closed.code == 4001
 
 
 @pytest.mark.parametrize("bad, code", [
@@ -410,7 +411,7 @@ async def test_refresh_for_another_sub_closes(authed: Served) -> None:
 ])
 async def test_a_refused_refresh_keeps_the_current_token(authed: Served, bad: str,
                                                          code: str) -> None:
-    async with client.connect(authed.ws_url, token=token()) as c:
+    async with client.open_connection(authed.ws_url, token=token()) as c:
         with pytest.raises(client.ClientError) as e:
             await c.refresh(bad)
         assert e.value.code == code
@@ -418,7 +419,7 @@ async def test_a_refused_refresh_keeps_the_current_token(authed: Served, bad: st
 
 
 async def test_refresh_applies_the_new_caps_at_once(authed: Served) -> None:
-    async with client.connect(authed.ws_url, token=token(caps=ALL)) as c:
+    async with client.open_connection(authed.ws_url, token=token(caps=ALL)) as c:
         kept = await c.attach("chat/kept", offset=-1, create=True)
         lost = await c.attach("chat/lost", offset=-1, create=True)
         await c.refresh(token(caps={"chat/kept": ["read", "append"]}))

@@ -60,7 +60,8 @@ def test_config_is_validated() -> None:
 
 async def test_too_many_sessions(tmp_path: Path) -> None:
     async with serve_in_process(tmp_path, WsConfig(max_sessions=2)) as s:
-        async with client.connect(s.ws_url) as c, client.connect(s.ws_url) as other:
+        async with client.open_connection(s.ws_url) as c, \
+                client.open_connection(s.ws_url) as other:
             a = await c.attach("a", offset=-1, create=True)
             await c.attach("b", offset=-1, create=True)
             with pytest.raises(client.ClientError) as e:
@@ -110,7 +111,7 @@ async def test_publish_rate(tmp_path: Path, mock_clock: trio.testing.MockClock,
 
 async def test_rate_limited_surfaces_in_the_client(tmp_path: Path) -> None:
     async with serve_in_process(tmp_path, WsConfig(publish_rate=0.001, publish_burst=1)) as s:
-        async with client.connect(s.ws_url) as c:
+        async with client.open_connection(s.ws_url) as c:
             await c.publish("s", [b"a"], create=True)
             with pytest.raises(client.ClientError) as e:
                 await c.publish("s", [b"b"])

@@ -35,7 +35,7 @@ from broker import _core, _frames
 from broker._frames import Ack, Attach, Attached, Data, Event, Hello, Ping, Pong, Publish, UpToDate
 from broker._handshake import check_server_response, client_request
 from broker._ws import WsConfig
-from broker.client import ClientError, Record, SessionEnded, Subscription, connect
+from broker.client import Attachment, ClientError, Record, SessionEnded, open_connection
 from conftest import Served, serve_in_process
 
 
@@ -300,9 +300,9 @@ async def test_resume_at_random_cuts(tmp_path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 async def test_resume_client_after_cancel(served: Served, seed: int) -> None:
-    """broker.client: the subscriber cancels its connection after a random
-    number of records (which takes effect when it next waits for a frame) and
-    resumes with Subscription.offset and .epoch."""
+    """broker.client.open_connection: the subscriber cancels its connection
+    after a random number of records (which takes effect when it next waits
+    for a frame) and resumes with Attachment.offset and .epoch."""
     total = 3000
     rng = random.Random(seed)
     await served.broker.create("s")
@@ -315,7 +315,7 @@ async def test_resume_client_after_cancel(served: Served, seed: int) -> None:
         while len(seen) < total:
             want = rng.randrange(0, 100)
             with trio.CancelScope() as cut:
-                async with connect(served.ws_url, client="sub") as c:
+                async with open_connection(served.ws_url, client_id="sub") as c:
                     sub = await c.attach("s", offset, epoch=epoch)
                     assert epoch in (None, sub.epoch)
                     if want == 0:
@@ -332,11 +332,11 @@ async def test_resume_client_after_cancel(served: Served, seed: int) -> None:
 
 
 async def test_client_outlives_heartbeats(tmp_path: Path) -> None:
-    """broker.client answers the server's pings, so a subscription lasts past
-    any number of heartbeat intervals (time passes for real: heartbeats are
-    the server's clock)."""
+    """broker.client.open_connection answers the server's pings, so a
+    subscription lasts past any number of heartbeat intervals (time passes for
+    real: heartbeats are the server's clock)."""
     async with serve_in_process(tmp_path / "data", ws=WsConfig(heartbeat_s=0.05)) as served, \
-            connect(served.ws_url, client="sub") as c:
+            open_connection(served.ws_url, client_id="sub") as c:
         await c.publish("s", [payload(0)], create=True)
         sub = await c.attach("s", 0)
         for i in range(1, 5):
@@ -350,7 +350,7 @@ async def test_client_outlives_heartbeats(tmp_path: Path) -> None:
                                          (3000, 3)])
 async def test_resume_from_http_offset(served: Served, count: int, gets: int) -> None:
     """Read over HTTP, go on over WebSocket from the Stream-Next-Offset string."""
-    async with connect(served.ws_url, client="agent") as c, \
+    async with open_connection(served.ws_url, client_id="agent") as c, \
             httpx.AsyncClient(base_url=served.http_url) as http:
         await c.publish("s", [b"-"], create=True)       # offset 0, then payload(i) at i
         for start in range(1, count, 500):
@@ -390,7 +390,7 @@ async def test_reattach_after_delete(served: Served, via: str, again: int | None
     """Back with an epoch the session no longer has: ``epoch_changed`` with the
     new one if it was re-created (with ``again`` records), else ``deleted``."""
     async with httpx.AsyncClient(base_url=served.http_url) as http:
-        async with connect(served.ws_url, client="c") as c:
+        async with open_connection(served.ws_url, client_id="c") as c:
             await c.publish("s", [b"a", b"b", b"c"], create=True)
             sub = await c.attach("s", -1)
             while not isinstance(await sub.next_frame(), UpToDate):
@@ -405,7 +405,7 @@ async def test_reattach_after_delete(served: Served, via: str, again: int | None
             await recreate(served, http, via)
             if again:
                 await served.broker.publish("s", [b"x%d" % i for i in range(again)])
-        async with connect(served.ws_url, client="c") as c:
+        async with open_connection(served.ws_url, client_id="c") as c:
             with pytest.raises(SessionEnded) as ended:
                 await c.attach("s", offset, epoch=epoch)
             if again is None:
@@ -421,7 +421,7 @@ async def test_reattach_after_delete(served: Served, via: str, again: int | None
 @pytest.mark.parametrize("via", ["http", "broker"])
 async def test_attached_client_sees_delete(served: Served, via: str) -> None:
     async with httpx.AsyncClient(base_url=served.http_url) as http, \
-            connect(served.ws_url) as c:
+            open_connection(served.ws_url) as c:
         await c.publish("s", [b"a"], create=True)
         sub = await c.attach("s", -1)
         assert isinstance(await sub.next_frame(), Data)
@@ -559,7 +559,7 @@ async def test_credit_window(served: Served, grants: list[int]) -> None:
 
 # ------------------------------------------------------------------ across transports
 
-async def next_records(sub: Subscription, n: int) -> list[Record]:
+async def next_records(sub: Attachment, n: int) -> list[Record]:
     """The next ``n`` records of ``sub``, whatever up_to_date frames come between."""
     got: list[Record] = []
     while len(got) < n:
@@ -571,7 +571,7 @@ async def next_records(sub: Subscription, n: int) -> list[Record]:
     return got
 
 
-async def frames_until_up_to_date(sub: Subscription) -> list[Record]:
+async def frames_until_up_to_date(sub: Attachment) -> list[Record]:
     records: list[Record] = []
     while not isinstance(frame := await sub.next_frame(), UpToDate):
         assert isinstance(frame, Data), frame
@@ -587,7 +587,7 @@ async def test_ws_records_read_over_http(served: Served, publishes: int) -> None
     payloads = [b"%d," % i * (i % 4) for i in range(300)]
     cuts = sorted(random.Random(publishes).sample(range(1, 300), publishes - 1))
     batches = [payloads[a:b] for a, b in zip([0, *cuts], [*cuts, 300])]
-    async with connect(served.ws_url, client="agent") as c, \
+    async with open_connection(served.ws_url, client_id="agent") as c, \
             httpx.AsyncClient(base_url=served.http_url) as http:
         acks = [await c.publish("s", batch, kind=i % 3, create=True)
                 for i, batch in enumerate(batches)]
@@ -617,7 +617,7 @@ async def test_json_session_across_transports(served: Served) -> None:
     """A JSON session made over HTTP takes JSON payloads over WebSocket, one
     record each, and HTTP reads them back as one JSON array; what HTTP appends
     arrives over WebSocket as compact JSON text."""
-    async with connect(served.ws_url, client="agent") as c, \
+    async with open_connection(served.ws_url, client_id="agent") as c, \
             httpx.AsyncClient(base_url=served.http_url) as http:
         r = await http.put("/v1/stream/j", headers={"content-type": "application/json"})
         assert r.status_code == 201
@@ -646,7 +646,7 @@ async def test_json_session_across_transports(served: Served) -> None:
 async def test_json_session_refuses_other_payloads(served: Served, bad: bytes) -> None:
     """A publish with any payload that is not one JSON value in UTF-8 is
     refused whole with ``bad_payload``, and the connection carries on."""
-    async with connect(served.ws_url, client="agent") as c, \
+    async with open_connection(served.ws_url, client_id="agent") as c, \
             httpx.AsyncClient(base_url=served.http_url) as http:
         r = await http.put("/v1/stream/j", headers={"content-type": "application/json"})
         assert r.status_code == 201
@@ -663,7 +663,7 @@ async def test_json_session_refuses_other_payloads(served: Served, bad: bytes) -
 async def test_http_appends_arrive_over_ws(served: Served, bodies: list[bytes]) -> None:
     """Each HTTP POST is one record over WebSocket: kind 0, no header, at the
     offset HTTP gave it, to a subscriber attached live or from an HTTP offset."""
-    async with connect(served.ws_url, client="reader") as c, \
+    async with open_connection(served.ws_url, client_id="reader") as c, \
             httpx.AsyncClient(base_url=served.http_url) as http:
         r = await http.put("/v1/stream/h", headers={"content-type": "application/octet-stream"})
         assert r.status_code == 201
@@ -681,7 +681,7 @@ async def test_http_appends_arrive_over_ws(served: Served, bodies: list[bytes]) 
         got = await next_records(live, len(sent))
         assert [(r.offset, r.kind, r.payload) for r in got] == list(zip(offsets, [0] * 9, sent))
         assert {(r.publisher, r.meta, r.producer) for r in got} == {(None, None, None)}
-        async with connect(served.ws_url) as c2:
+        async with open_connection(served.ws_url) as c2:
             again = await c2.attach("h", http_offset(0))
             assert await frames_until_up_to_date(again) == got
 
@@ -696,9 +696,9 @@ async def test_signal_sent_while_agent_away(served: Served, away: list[bytes],
     those sent while it was away when it re-attaches from its offset, and none
     of them again from the offset after that."""
     messages = [b"m%d" % i for i in range(chatter)]
-    async with connect(served.ws_url, client="user") as user:
+    async with open_connection(served.ws_url, client_id="user") as user:
         await user.publish("chat", [b"hello", *messages], create=True)
-        async with connect(served.ws_url, client="agent") as agent:
+        async with open_connection(served.ws_url, client_id="agent") as agent:
             sub = await agent.attach("chat", -1, kinds=[1])
             await user.publish("chat", messages or [b"more"])
             ack = await user.signal("chat", b"approve", meta={"by": "user"})
@@ -713,14 +713,14 @@ async def test_signal_sent_while_agent_away(served: Served, away: list[bytes],
             await user.publish("chat", messages or [b"more"])
             sent.append((await user.signal("chat", payload_)).offset)
         await user.publish("chat", messages or [b"more"])
-        async with connect(served.ws_url, client="agent") as agent:
+        async with open_connection(served.ws_url, client_id="agent") as agent:
             sub = await agent.attach("chat", offset, epoch=epoch, kinds=[1])
             got = await frames_until_up_to_date(sub)
             assert [(r.offset, r.kind, r.payload) for r in got] == list(zip(sent, [1] * 9, away))
             offset = sub.offset
         end = (await served.broker.info("chat")).next_offset
         assert offset == end                     # up_to_date moved past the messages
-        async with connect(served.ws_url, client="agent") as agent:
+        async with open_connection(served.ws_url, client_id="agent") as agent:
             sub = await agent.attach("chat", offset, epoch=epoch, kinds=[1])
             assert await frames_until_up_to_date(sub) == []
             await user.signal("chat", b"later")
