@@ -30,6 +30,7 @@ import trio
 from ._auth import Authenticator, mint, parse_cap_option
 from ._broker import open_broker
 from ._config import BrokerConfig, FsyncPolicy
+from ._demo import DemoAgent
 from ._limits import HttpLimits
 from ._server import HttpServer, make_ssl_context
 from ._streams import StreamsApi
@@ -66,6 +67,7 @@ class ServeOptions:
     auth_secret: str | None = None
     auth_public_key: str | None = None
     insecure_no_auth: bool = False
+    demo: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = "INFO"
@@ -117,6 +119,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "auth_public_key": (str, "PEM public key file (Ed25519, RSA or EC P-256): turns on token "
                              "auth with EdDSA, RS256 or ES256"),
     "insecure_no_auth": (_flag, "allow a non-loopback address without token auth"),
+    "demo": (_flag, "serve the demo page at /demo and run a simulated agent on the "
+                    "demo/* sessions"),
     "tls_cert": (str, "PEM certificate chain: serve HTTPS and WSS"),
     "tls_key": (str, "PEM private key for --tls-cert"),
     "log_level": (str, "DEBUG, INFO, WARNING or ERROR"),
@@ -235,8 +239,14 @@ async def serve(opts: ServeOptions,
                 keepalive_timeout_s=opts.keepalive_timeout_s,
                 publish_rate=opts.http_publish_rate, publish_burst=opts.http_publish_burst)
             server = HttpServer(broker, streams, ws, limits=limits, ssl_context=ssl_context,
-                                local_only=not auth.enabled and is_loopback(opts.host))
-            async with trio.open_nursery() as connections:
+                                # Open on loopback: only this machine's pages, unless
+                                # --insecure-no-auth says a local proxy decides.
+                                local_only=not auth.enabled and is_loopback(opts.host)
+                                and not opts.insecure_no_auth,
+                                demo=opts.demo)
+            async with trio.open_nursery() as background, trio.open_nursery() as connections:
+                if opts.demo:
+                    background.start_soon(DemoAgent(broker).run)
                 async with trio.open_nursery() as listening:
                     listeners = await listening.start(functools.partial(
                         trio.serve_tcp, server.serve_connection, opts.port, host=opts.host,
@@ -260,6 +270,7 @@ async def serve(opts: ServeOptions,
                     log.warning("%d connections still busy after %.1f s: closing them",
                                 len(connections.child_tasks), opts.shutdown_grace_s)
                 connections.cancel_scope.cancel()
+                background.cancel_scope.cancel()        # before the broker closes
     log.info("stopped; every session synced")
 
 

@@ -11,7 +11,9 @@ that connection is closed; no other connection notices.
 
 Routes: ``/healthz``; the Durable Streams API under ``/v1/stream/`` (_streams.py);
 the WebSocket upgrade at ``/v1/ws``, after which the connection belongs to
-_ws.py.
+_ws.py; the browser client at ``/client/broker.js`` and, with ``demo``, the
+demo page at ``/demo`` (package data in ``broker/static/``, read per request:
+they are small, and rarely asked for).
 
 Limits (``HttpLimits``, docs in docs/security.md):
 
@@ -43,6 +45,7 @@ import math
 import re
 import socket
 import ssl
+from pathlib import Path
 
 import trio
 
@@ -78,6 +81,13 @@ def make_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+_STATIC = Path(__file__).parent / "static"
+# path -> (file in broker/static, content type, served only with --demo)
+_STATIC_ROUTES = {
+    "/client/broker.js": ("broker.js", "text/javascript; charset=utf-8", False),
+    "/demo": ("demo.html", "text/html; charset=utf-8", True),
+}
+
 _TLS_HANDSHAKE = 0x16      # the first byte of every TLS connection (a handshake record)
 _RETRY_AFTER_FULL_S = 1    # what a client refused for too many connections is told to wait
 
@@ -111,8 +121,9 @@ class HttpServer:
     def __init__(self, broker: Broker, streams: StreamsApi | None = None,
                  ws: WsServer | None = None, limits: HttpLimits | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 local_only: bool = False) -> None:
+                 local_only: bool = False, demo: bool = False) -> None:
         self.broker = broker
+        self.demo = demo              # serve the demo page at /demo
         # Open mode on a loopback address: only this machine's pages may use
         # the API (see ``foreign``).
         self.local_only = local_only
@@ -137,11 +148,27 @@ class HttpServer:
                 await out.send(error(405, "method_not_allowed", "use GET"))
             else:
                 await out.send(response(200, b'{"status":"ok"}', keep_alive=req.keep_alive))
+        elif path in _STATIC_ROUTES and (self.demo or not _STATIC_ROUTES[path][2]):
+            await self._static(req, out, *_STATIC_ROUTES[path][:2])
         elif req.method == "OPTIONS":
             await out.send(response(204, b""))
         else:
             await out.send(response(404, error_body("not_found", f"no route for {path}"),
                                     keep_alive=req.keep_alive))
+
+    @staticmethod
+    async def _static(req: Request, out: Responder, file: str, content_type: str) -> None:
+        if req.method not in ("GET", "HEAD"):
+            await out.send(error(405, "method_not_allowed", "use GET"))
+            return
+        try:
+            body = await trio.Path(_STATIC / file).read_bytes()
+        except OSError:
+            await out.send(error(404, "not_found", f"{file} is not installed with this broker"))
+            return
+        await out.send(response(200, body, content_type=content_type,
+                                keep_alive=req.keep_alive,
+                                headers=[("cache-control", "no-cache")]))
 
     async def serve_connection(self, tcp: trio.SocketStream) -> None:
         """One connection's task: what ``trio.serve_tcp`` calls.  Whatever

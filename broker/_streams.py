@@ -31,6 +31,16 @@ tells whether the stream exists.  The token's ``sub`` is stamped as the
 publisher of the records the request appends, and a live read (long-poll,
 SSE) ends by the token's expiry: the client comes back with a fresh token and
 the offset it got.
+
+Broker extensions (docs/protocol.md, "Broker extensions") reach what the
+Durable Streams protocol has no words for, and change nothing when unused:
+
+* ``Broker-Kind`` on a POST gives the appended records a kind (``signal``
+  needs the ``signal`` capability, as on the WebSocket);
+* ``view=records`` on a GET answers JSON record objects (offset, kind,
+  publisher, time, meta and payload) instead of bare payloads, and
+  ``kinds=`` keeps only some kinds.  The cursor still moves past the records
+  left out, so offsets, headers and control events are those of a plain read.
 """
 
 from __future__ import annotations
@@ -45,8 +55,10 @@ import re
 import time
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import trio
 
 from . import _core
@@ -56,6 +68,7 @@ from ._auth import (
     DELETE,
     OPEN,
     READ,
+    SIGNAL as SIGNAL_OP,
     AuthError,
     Authenticator,
     Forbidden,
@@ -78,7 +91,7 @@ from ._errors import (
 from ._http import Headers, Request, Responder, error, response
 from ._meta import media_type
 from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
-from ._session import NOW, START, ProduceResult, SessionInfo
+from ._session import MAX_KIND, MESSAGE, NOW, SIGNAL, START, ProduceResult, SessionInfo
 
 STREAM_PREFIX = "/v1/stream/"
 
@@ -191,6 +204,140 @@ def _stream_name(header: str) -> str:
 def _expires_header(info: SessionInfo) -> str | None:
     raw = info.extra.get("expires_at_raw")
     return raw if isinstance(raw, str) else None
+
+
+# ------------------------------------------------- extensions: kinds, records
+
+_KIND_NAMES = {"message": MESSAGE, "signal": SIGNAL}
+_KIND_RE = re.compile(r"\d{1,2}")
+
+
+def _parse_kind(text: str) -> int | None:
+    """``message``, ``signal`` or 0..63 -> a record kind; None if it is none."""
+    value = text.strip().lower()
+    if value in _KIND_NAMES:
+        return _KIND_NAMES[value]
+    if _KIND_RE.fullmatch(value) and int(value) <= MAX_KIND:
+        return int(value)
+    return None
+
+
+def _kind_header(req: Request) -> int:
+    """The kind a POST gives its records (``Broker-Kind``; message without it)."""
+    raw = req.header(b"broker-kind")
+    if raw is None:
+        return MESSAGE
+    kind = _parse_kind(raw)
+    if kind is None:
+        raise _Fail(400, "bad_kind", f"Broker-Kind must be message, signal or a number "
+                    f"0..{MAX_KIND}, not {raw[:40]!r}")
+    return kind
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """How a GET shows records: the protocol's bare payloads, or record
+    objects with their headers (``view=records``), maybe of some kinds only."""
+
+    records: bool = False
+    mask: int = _core.ALL_KINDS       # bit k set: records of kind k are shown
+
+
+_BARE = _View()
+
+
+def _view(params: dict[str, list[str]]) -> _View:
+    views, kinds = params.get("view"), params.get("kinds")
+    if views is None:
+        if kinds is not None:
+            raise _Fail(400, "bad_kind", "kinds= needs view=records")
+        return _BARE
+    if views != ["records"]:
+        raise _Fail(400, "bad_view", f"the only view is records, not {views[0][:40]!r}")
+    if kinds is None:
+        return _View(records=True)
+    if len(kinds) > 1:
+        raise _Fail(400, "bad_kind", "more than one kinds parameter")
+    mask = 0
+    for part in kinds[0].split(","):
+        kind = _parse_kind(part)
+        if kind is None:
+            raise _Fail(400, "bad_kind", f"kinds= is a comma list of 0..{MAX_KIND} "
+                        f"(or message, signal), not {kinds[0][:40]!r}")
+        mask |= 1 << kind
+    return _View(records=True, mask=mask)
+
+
+def _jsonable(value: Any) -> Any:
+    """A msgpack value (record meta) as JSON: bytes become base64 text, map
+    keys text, and what JSON cannot hold (NaN, extension types) null."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else json.dumps(_jsonable(k)): _jsonable(v)
+                for k, v in value.items()}
+    return None
+
+
+def _header_fields(header: bytes | None) -> tuple[str | None, Any]:
+    """(publisher, meta as JSON) from a record's stored header."""
+    if header is None:
+        return None, None
+    try:
+        fields = msgpack.unpackb(header, strict_map_key=False)
+        publisher = fields[0] if isinstance(fields, list) and fields else None
+        meta = _jsonable(fields[1]) if isinstance(fields, list) and len(fields) > 1 else None
+    except (ValueError, RecursionError, msgpack.UnpackException):
+        return None, None       # not ours to mend: the record is shown without it
+    return (publisher if isinstance(publisher, str) else None), meta
+
+
+def _record_objects(batch: _core.Batch, content_type: str, mask: int) -> list[dict[str, Any]]:
+    """The records of ``batch`` whose kind is in ``mask``, as JSON objects."""
+    is_json = _is_json(content_type)
+    is_text = media_type(content_type).startswith("text/")
+    shown: list[dict[str, Any]] = []
+    for i in range(len(batch)):
+        kind = (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND
+        if not mask >> kind & 1:
+            continue
+        publisher, meta = _header_fields(batch.meta(i))
+        record: dict[str, Any] = {"o": batch.offset(i), "k": kind, "p": publisher,
+                                  "ts": batch.timestamp(i), "m": meta}
+        record.update(_payload_fields(bytes(batch.payload(i)), is_json, is_text))
+        shown.append(record)
+    return shown
+
+
+def _payload_fields(payload: bytes, is_json: bool, is_text: bool) -> dict[str, Any]:
+    if is_json:
+        try:
+            return {"d": json.loads(payload, parse_constant=_reject_constant)}
+        except (ValueError, RecursionError):
+            # Every way in checks a JSON session's payloads; should one still
+            # not parse, it is shown as bytes rather than dropped.
+            pass
+    elif is_text:
+        return {"d": payload.decode("utf-8", "replace")}
+    return {"d": base64.b64encode(payload).decode(), "b64": True}
+
+
+def _some(batch: _core.Batch, shown: list[dict[str, Any]] | None) -> bool:
+    """Whether a read has anything to answer (record objects, if shown)."""
+    return bool(batch) if shown is None else bool(shown)
+
+
+def _records_body(records: list[dict[str, Any]]) -> bytes:
+    try:
+        return json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:      # a lone surrogate from a JSON escape: escape it again
+        return json.dumps(records, separators=(",", ":")).encode()
 
 
 # ------------------------------------------------------------------- the API
@@ -501,6 +648,11 @@ class StreamsApi:
         seq = req.header(b"stream-seq")
         close = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
+        kind = _kind_header(req)
+        if kind != MESSAGE and body and (seq is not None or (producer and close)):
+            # The session core stamps a kind only on plain and producer appends.
+            raise _Fail(400, "bad_kind", "Broker-Kind other than message cannot be combined "
+                        "with Stream-Seq, nor with Stream-Closed on a producer's append")
         info = await self.broker.info(name, touch=True)
         await self._check_gone(info)
         if not body and close and producer is not None:
@@ -524,6 +676,12 @@ class StreamsApi:
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
         records = _json_records(body, False, self.max_batch_records) if _is_json(ct) else [body]
+        if producer is not None and kind != MESSAGE:
+            produced = await self.broker.publish(name, records, kind=kind, publisher=who.sub,
+                                                 producer=producer)
+            assert isinstance(produced, ProduceResult)
+            await self._produced(name, produced, producer, out)
+            return
         if producer is not None:
             result = await self.broker.produce(name, records, producer=producer[0],
                                                epoch=producer[1], seq=producer[2], close=close,
@@ -531,7 +689,14 @@ class StreamsApi:
             await self._produced(name, result, producer, out)
             return
         try:
-            offsets = await self.broker.append_many(name, records, seq=seq, publisher=who.sub)
+            if kind != MESSAGE:
+                published = await self.broker.publish(name, records, kind=kind,
+                                                      publisher=who.sub)
+                assert isinstance(published, range)
+                offsets = published
+            else:
+                offsets = await self.broker.append_many(name, records, seq=seq,
+                                                        publisher=who.sub)
         except SessionClosed:
             raise await self._closed(name) from None
         headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop))]
@@ -595,15 +760,16 @@ class StreamsApi:
             raise _Fail(400, "bad_offset", f"live={live} needs an offset")
         offset = parse_offset(raw) if raw is not None else START
         cursor = params.get("cursor", [None])[0]
+        view = _view(params)
         info = await self.broker.info(name, touch=True)
         await self._check_gone(info)
         # A live read ends by the token's expiry at the latest: the client
         # then comes back with a fresh token and its offset.
         expiry = who.seconds_left(self.auth.clock())
         if live == "sse":
-            await self._sse(name, info, offset, cursor, expiry, out)
+            await self._sse(name, info, offset, cursor, expiry, view, out)
             return
-        ct = info.content_type
+        ct = "application/json" if view.records else info.content_type
         if offset == NOW and live is None:
             headers: Headers = [("content-type", ct),
                                 ("Stream-Next-Offset", format_offset(info.next_offset)),
@@ -615,10 +781,21 @@ class StreamsApi:
             return
         async with self.broker.subscribe(name, offset) as sub:
             batch = await sub.next(wait=False)
-            if not batch and live == "long-poll" and not sub.finished:
+            # With view=records, ``shown`` is what the answer holds.
+            shown = _record_objects(batch, info.content_type, view.mask) \
+                if view.records else None
+            if live == "long-poll" and not sub.finished and not _some(batch, shown):
                 with self._live_wait(trio.current_time()
                                      + min(self.long_poll_timeout_s, expiry)):
-                    batch = await sub.next()
+                    # With a kinds filter, records of other kinds only move
+                    # the cursor on: the poll waits on for one it shows.
+                    while True:
+                        batch = await sub.next()
+                        if shown is None:
+                            break
+                        shown = _record_objects(batch, info.content_type, view.mask)
+                        if shown or not batch:
+                            break
             info = await self.broker.info(name)
             nxt = format_offset(sub.offset)
             at_tail = sub.offset >= info.next_offset
@@ -630,23 +807,29 @@ class StreamsApi:
                 headers.append(("Stream-Cursor", _cursor(cursor)))
             if closed_here:
                 headers.append(("Stream-Closed", "true"))
-            if not batch and live == "long-poll":
+            if live == "long-poll" and not _some(batch, shown):
                 await out.send(response(204, b"", headers=headers))
                 return
             etag = _etag(name, raw if raw is not None else "-1", nxt, closed_here)
+            if view.records:
+                # Another view of the same offsets is another representation.
+                etag = etag[:-1] + f':r{view.mask:x}"'
             headers.append(("etag", etag))
             if req.header(b"if-none-match") == etag:
                 await out.send(response(304, b"", headers=[("etag", etag)]))
                 return
-            body = _json_body(batch) if _is_json(ct) else batch.join()
+            if shown is not None:
+                body = _records_body(shown)
+            else:
+                body = _json_body(batch) if _is_json(ct) else batch.join()
             await out.send(response(200, body, content_type=ct, headers=headers))
 
     # ------------------------------------------------------------ SSE
 
     async def _sse(self, name: str, info: SessionInfo, offset: int, cursor: str | None,
-                   expiry: float, out: Responder) -> None:
+                   expiry: float, view: _View, out: Responder) -> None:
         ct = info.content_type
-        binary = not _is_text(ct)
+        binary = not _is_text(ct) and not view.records
         headers: Headers = [("content-type", "text/event-stream"),
                             ("cache-control", "no-cache")]
         if binary:
@@ -655,20 +838,25 @@ class StreamsApi:
             await out.start(200, headers)
             try:
                 await self._sse_events(name, sub, ct, binary, cursor,
-                                       min(self.sse_max_s, expiry), out)
+                                       min(self.sse_max_s, expiry), view, out)
             except (SessionDeleted, EpochChanged, SessionNotFound):
                 pass                 # the stream went away: end the response
             await out.end()
 
     async def _sse_events(self, name: str, sub: Subscription, ct: str, binary: bool,
-                          cursor: str | None, lifetime: float, out: Responder) -> None:
+                          cursor: str | None, lifetime: float, view: _View,
+                          out: Responder) -> None:
         # Only the waits are cancelled (by the deadline or by shutdown), never a
         # write, so the chunked response always ends cleanly.
         deadline = trio.current_time() + lifetime
         while not self._closing:
             batch = await sub.next(wait=False)
             out_bytes = b""
-            if batch:
+            if batch and view.records:
+                shown = _record_objects(batch, ct, view.mask)
+                if shown:
+                    out_bytes = _sse_event("data", _records_body(shown).decode())
+            elif batch:
                 if _is_json(ct):
                     data = _json_body(batch).decode()
                 elif binary:
@@ -707,6 +895,12 @@ _OPERATIONS = {"GET": READ, "HEAD": READ, "POST": APPEND, "PUT": CREATE, "DELETE
 def _operations(name: str, req: Request) -> list[tuple[str, str]]:
     """Every (session, operation) the request needs the token to allow."""
     ops = [(name, _OPERATIONS[req.method])]
+    if req.method == "POST" and req.body and _kind_header(req) == SIGNAL:
+        # A signal needs ``signal`` whichever way it comes (as on the
+        # WebSocket); ``append`` only if the request also closes the stream.
+        ops = [(name, SIGNAL_OP)]
+        if (req.header(b"stream-closed") or "").lower() == "true":
+            ops.append((name, APPEND))
     if req.method == "PUT":
         if req.body:
             ops.append((name, APPEND))

@@ -13,10 +13,14 @@ trouble is one small override.  The modes so far:
 * ``refuse = True`` closes new connections at once (a server that is down);
 * ``swallow = "to_server"`` or ``"to_client"`` relays nothing more in that
   direction, so a test can lose a request, or its answer, on purpose before
-  cutting.
+  cutting;
+* ``refuse_upgrades = True`` reads the head of a connection's first request
+  before relaying anything: a WebSocket upgrade is answered ``403`` and
+  closed, as by a proxy that does not pass WebSockets; plain HTTP goes
+  through (head included) as usual.  Browsers open a fresh connection for
+  every WebSocket, so looking at the first request of each is enough.
 
-Later ones (refuse only WebSocket upgrades, a 503 at the handshake) fit in
-``on_open`` and ``on_chunk``.
+Later ones (a 503 at the handshake) fit in ``on_open`` and ``on_chunk``.
 
 It runs in the test's Trio run (``async with Proxy.running(port) as proxy``)
 or, for asyncio tests, in a thread of its own (``ThreadedProxy``).
@@ -44,7 +48,8 @@ class _Link:
 
 
 class Proxy:
-    def __init__(self, target_port: int, *, idle_cut_s: float | None = None) -> None:
+    def __init__(self, target_port: int, *, idle_cut_s: float | None = None,
+                 refuse_upgrades: bool = False) -> None:
         self.target_port = target_port
         self.idle_cut_s = idle_cut_s
         self.port = 0
@@ -53,6 +58,8 @@ class Proxy:
         self.refuse = False           # close new connections at once
         self.swallow: str | None = None   # "to_server" or "to_client": relay nothing that way
         self.swallowed = 0                # bytes not relayed because of ``swallow``
+        self.refuse_upgrades = refuse_upgrades   # answer WebSocket upgrades 403, relay the rest
+        self.upgrades_refused = 0
         self._links: set[_Link] = set()
 
     @classmethod
@@ -109,11 +116,28 @@ class Proxy:
         if not await self.on_open(downstream):
             await downstream.aclose()
             return
+        head: bytes | None = b""
+        if self.refuse_upgrades:
+            head = await self._read_head(downstream)
+            if head is None or _is_upgrade(head):
+                if head is not None:
+                    self.upgrades_refused += 1
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await downstream.send_all(_REFUSED)
+                await trio.aclose_forcefully(downstream)
+                return
         try:
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
         except OSError:
             await downstream.aclose()
             return
+        if head:
+            try:
+                await upstream.send_all(head)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await trio.aclose_forcefully(downstream)
+                await trio.aclose_forcefully(upstream)
+                return
         try:
             with trio.CancelScope() as scope:
                 link = _Link(downstream, scope)
@@ -147,6 +171,23 @@ class Proxy:
             pass
         nursery.cancel_scope.cancel()          # one side ended: end the link
 
+    @staticmethod
+    async def _read_head(stream: trio.SocketStream) -> bytes | None:
+        """The bytes up to the end of the first request head (and whatever
+        came with them), or None if the peer went away or sent no head."""
+        data = b""
+        with trio.move_on_after(30):
+            try:
+                while b"\r\n\r\n" not in data and len(data) < 65536:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return None
+                    data += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            return data
+        return None
+
     async def _idle_watch(self) -> None:
         assert self.idle_cut_s is not None
         while True:
@@ -155,6 +196,16 @@ class Proxy:
             for link in list(self._links):
                 if now - link.last_traffic >= self.idle_cut_s:
                     self._drop(link)
+
+
+_REFUSED = (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 29\r\n"
+            b"connection: close\r\n\r\nWebSockets are not allowed.\r\n")
+
+
+def _is_upgrade(head: bytes) -> bool:
+    lines = head.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")[1:]
+    return any(name.strip() == b"upgrade" and b"websocket" in value
+               for name, _, value in (line.partition(b":") for line in lines))
 
 
 class ThreadedProxy:
@@ -185,7 +236,7 @@ class ThreadedProxy:
 
     @property
     def accepted(self) -> int:
-        return self.get("accepted")
+        return int(self.get("accepted"))
 
     def get(self, name: str) -> Any:
         """One of the proxy's attributes, read in its thread."""

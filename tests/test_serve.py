@@ -201,3 +201,11 @@ def test_open_serve_on_loopback_refuses_foreign_pages(
     mine = exchange(port, f"PUT /v1/stream/s HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
                           f"content-length: 0\r\n\r\n".encode())
     assert mine.startswith(b"HTTP/1.1 201 ")
+
+
+def test_insecure_no_auth_lets_a_local_proxy_decide(tmp_path: Path) -> None:
+    # Behind a reverse proxy on the same machine, Host is the public name.
+    with serving(tmp_path, "--insecure-no-auth") as (_, port):
+        answer = exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: chat.example\r\n"
+                                b"origin: https://chat.example\r\ncontent-length: 0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 201 "), answer

@@ -1,0 +1,822 @@
+// broker.js: the browser client of the broker (an ES module, no dependencies).
+//
+// Theory of operation
+// -------------------
+// A client follows ONE session.  It holds a cursor, `next` (the offset after
+// the last record it delivered) and the session's `epoch`, and hands every
+// record to `on("record")` exactly once, in offset order, whatever happens to
+// the connection.  Every transport resumes from `next`, and a record whose
+// offset is below `next` is dropped before delivery, so a transport that
+// repeats itself (an EventSource retry, a resent batch) cannot repeat a record.
+//
+// Transports are tried in the order given (default ws, sse, longpoll):
+//   ws       /v1/ws, subprotocol broker.v1, one msgpack map per binary message
+//            (hello, attach from `next` with the epoch, publish, pong);
+//   sse      EventSource on /v1/stream/<s>?offset=..&live=sse&view=records;
+//   longpoll fetch loop on /v1/stream/<s>?offset=..&live=long-poll&view=records.
+// A transport "opens" when it proves it works (ws: `welcome`; sse: the
+// EventSource `open` event; longpoll: any 200/204).  One that fails to open
+// twice in a row while plain HTTP to the broker answers (a HEAD of the session)
+// is given up for the next one, for the life of this client: the usual cause is
+// a proxy that refuses upgrades or buffers streams, and that does not heal.
+// If HTTP does not answer either, the broker is down, and the client stays
+// with its transport and retries.  A reload starts again from the first.
+//
+// Reconnects wait with exponential backoff and full jitter: attempt n waits a
+// uniformly random time in [0, min(maximum, initial * 2^n)).  The attempt count
+// starts again once a connection has stayed up for `resetAfter` seconds.
+//
+// Publishing is one idempotent producer per client object: a random id, and
+// (epoch, seq) per session, as docs/protocol.md says.  Publishes are sent one
+// at a time, in call order: on the WebSocket as `publish` frames (signals are
+// publishes of kind 1), otherwise as POSTs with Producer-Id/-Epoch/-Seq (and
+// `Broker-Kind: signal`).  A publish whose answer was lost is sent again with
+// the same stamp, so it is stored once.  With auth off the broker keys
+// producers by WebSocket client id, but HTTP appends have no publisher; so when
+// publishing moves between the WebSocket and HTTP the producer starts a new
+// epoch.  The one publish in flight at that moment may then be stored twice.
+//
+// The cursor {epoch, offset} is saved in sessionStorage under `storageKey`
+// (default "broker:<session>") after each delivered batch.  `connect()` starts
+// from the saved cursor unless `offset` is given, so a reloaded page that
+// keeps its own view (or needs only new records) goes on where it stopped;
+// a page that rebuilds its view from the log passes offset: -1.
+
+const SUBPROTOCOL = "broker.v1";
+const TRANSPORTS = ["ws", "sse", "longpoll"];
+const AUTH_ERRORS = new Set(["unauthorized", "token_invalid", "token_expired", "client_mismatch"]);
+const FATAL_CLOSES = new Set([1002, 1003, 1007, 1009, 1010, 4000]);
+const RETRY_PUBLISH = new Set(["rate_limited", "unavailable", "storage_error"]);
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder();
+
+// ----------------------------------------------------------------- msgpack
+
+/** Encode a value as msgpack: null, booleans, numbers, strings, Uint8Array
+ * (bin), arrays and plain objects (maps with string keys). */
+export function encode(value) {
+  const out = [];
+  pack(value, out);
+  return flatten(out);
+}
+
+function flatten(parts) {
+  let size = 0;
+  for (const p of parts) size += typeof p === "number" ? 1 : p.length;
+  const buf = new Uint8Array(size);
+  let i = 0;
+  for (const p of parts) {
+    if (typeof p === "number") buf[i++] = p;
+    else { buf.set(p, i); i += p.length; }
+  }
+  return buf;
+}
+
+function be(n, bytes) {
+  const b = new Uint8Array(bytes);
+  const v = new DataView(b.buffer);
+  if (bytes === 2) v.setUint16(0, n);
+  else if (bytes === 4) v.setUint32(0, n);
+  else v.setBigUint64(0, BigInt.asUintN(64, BigInt(n)));
+  return b;
+}
+
+function header(out, len, small, fixBase, c8, c16, c32) {
+  if (small && len < small) out.push(fixBase | len);
+  else if (c8 !== null && len < 0x100) out.push(c8, len);
+  else if (len < 0x10000) out.push(c16, be(len, 2));
+  else out.push(c32, be(len, 4));
+}
+
+function pack(v, out) {
+  if (v === null || v === undefined) out.push(0xc0);
+  else if (v === false) out.push(0xc2);
+  else if (v === true) out.push(0xc3);
+  else if (typeof v === "number") packNumber(v, out);
+  else if (typeof v === "bigint") { out.push(v < 0n ? 0xd3 : 0xcf, be(v, 8)); }
+  else if (typeof v === "string") {
+    const b = utf8.encode(v);
+    header(out, b.length, 32, 0xa0, 0xd9, 0xda, 0xdb);
+    out.push(b);
+  } else if (v instanceof Uint8Array || v instanceof ArrayBuffer) {
+    const b = v instanceof Uint8Array ? v : new Uint8Array(v);
+    header(out, b.length, 0, 0, 0xc4, 0xc5, 0xc6);
+    out.push(b);
+  } else if (Array.isArray(v)) {
+    header(out, v.length, 16, 0x90, null, 0xdc, 0xdd);
+    for (const x of v) pack(x, out);
+  } else if (typeof v === "object") {
+    const keys = Object.keys(v).filter((k) => v[k] !== undefined);
+    header(out, keys.length, 16, 0x80, null, 0xde, 0xdf);
+    for (const k of keys) { pack(k, out); pack(v[k], out); }
+  } else throw new TypeError(`cannot encode ${typeof v} as msgpack`);
+}
+
+function packNumber(n, out) {
+  if (!Number.isInteger(n)) {
+    const b = new Uint8Array(9);
+    b[0] = 0xcb;
+    new DataView(b.buffer).setFloat64(1, n);
+    out.push(b);
+  } else if (n >= 0) {
+    if (n < 0x80) out.push(n);
+    else if (n < 0x100) out.push(0xcc, n);
+    else if (n < 0x10000) out.push(0xcd, be(n, 2));
+    else if (n < 0x100000000) out.push(0xce, be(n, 4));
+    else out.push(0xcf, be(n, 8));
+  } else if (n >= -32) out.push(n & 0xff);
+  else if (n >= -0x80) out.push(0xd0, n & 0xff);
+  else if (n >= -0x8000) out.push(0xd1, be(n & 0xffff, 2));
+  else if (n >= -0x80000000) out.push(0xd2, be(n >>> 0, 4));
+  else out.push(0xd3, be(n, 8));
+}
+
+/** Decode one msgpack value (maps become plain objects, bin a Uint8Array,
+ * 64-bit integers Numbers; ext values become {ext: type, data}). */
+export function decode(bytes) {
+  const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  let i = 0;
+  const need = (n) => { if (i + n > buf.length) throw new RangeError("truncated msgpack"); };
+  const u8 = () => { need(1); return buf[i++]; };
+  const u16 = () => { need(2); const x = view.getUint16(i); i += 2; return x; };
+  const u32 = () => { need(4); const x = view.getUint32(i); i += 4; return x; };
+  const bytesOf = (n) => { need(n); const b = buf.subarray(i, i + n); i += n; return b; };
+  const str = (n) => fromUtf8.decode(bytesOf(n));
+  const arr = (n) => { const a = new Array(n); for (let k = 0; k < n; k++) a[k] = value(); return a; };
+  const map = (n) => {
+    const o = {};
+    for (let k = 0; k < n; k++) { const key = value(); o[String(key)] = value(); }
+    return o;
+  };
+  const ext = (n) => { const type = view.getInt8((need(1), i++)); return { ext: type, data: bytesOf(n) }; };
+  function value() {
+    const c = u8();
+    if (c < 0x80) return c;
+    if (c < 0x90) return map(c & 0x0f);
+    if (c < 0xa0) return arr(c & 0x0f);
+    if (c < 0xc0) return str(c & 0x1f);
+    if (c >= 0xe0) return c - 0x100;
+    switch (c) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return bytesOf(u8());
+      case 0xc5: return bytesOf(u16());
+      case 0xc6: return bytesOf(u32());
+      case 0xc7: return ext(u8());
+      case 0xc8: return ext(u16());
+      case 0xc9: return ext(u32());
+      case 0xca: { need(4); const x = view.getFloat32(i); i += 4; return x; }
+      case 0xcb: { need(8); const x = view.getFloat64(i); i += 8; return x; }
+      case 0xcc: return u8();
+      case 0xcd: return u16();
+      case 0xce: return u32();
+      case 0xcf: { need(8); const x = view.getBigUint64(i); i += 8; return Number(x); }
+      case 0xd0: { need(1); return view.getInt8(i++); }
+      case 0xd1: { need(2); const x = view.getInt16(i); i += 2; return x; }
+      case 0xd2: { need(4); const x = view.getInt32(i); i += 4; return x; }
+      case 0xd3: { need(8); const x = view.getBigInt64(i); i += 8; return Number(x); }
+      case 0xd4: return ext(1);
+      case 0xd5: return ext(2);
+      case 0xd6: return ext(4);
+      case 0xd7: return ext(8);
+      case 0xd8: return ext(16);
+      case 0xd9: return str(u8());
+      case 0xda: return str(u16());
+      case 0xdb: return str(u32());
+      case 0xdc: return arr(u16());
+      case 0xdd: return arr(u32());
+      case 0xde: return map(u16());
+      case 0xdf: return map(u32());
+      default: throw new RangeError(`bad msgpack byte 0x${c.toString(16)}`);
+    }
+  }
+  const result = value();
+  if (i !== buf.length) throw new RangeError("trailing bytes after msgpack value");
+  return result;
+}
+
+// ----------------------------------------------------------------- helpers
+
+/** An offset as HTTP writes it ("0000000000000000_0000000000000042"); -1 stays -1. */
+export function formatOffset(n) {
+  return n < 0 ? "-1" : `0000000000000000_${String(n).padStart(16, "0")}`;
+}
+
+/** The record number in an HTTP offset (or an integer, or "-1"). */
+export function parseOffset(text) {
+  if (typeof text === "number") return text;
+  const s = String(text);
+  const m = /^(?:\d{16}_)?(-1|\d+)$/.exec(s);
+  if (!m) throw new Error(`bad offset ${s}`);
+  return Number(m[1]);
+}
+
+/** Full-jitter exponential backoff, as the Python client's Backoff. */
+export class Backoff {
+  constructor({ initial = 0.1, maximum = 10, multiplier = 2, resetAfter = 1 } = {}) {
+    Object.assign(this, { initial, maximum, multiplier, resetAfter });
+  }
+  cap(n) { return Math.min(this.maximum, this.initial * this.multiplier ** n); }
+  delay(n) { return Math.random() * this.cap(n); }
+}
+
+/** A refusal from the broker, or from this client: a stable `code` and a message. */
+export class BrokerError extends Error {
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = "BrokerError";
+    this.code = code;
+    Object.assign(this, extra);
+  }
+}
+
+const sleep = (s) => new Promise((r) => setTimeout(r, s * 1000));
+
+function randomId() {
+  const b = crypto.getRandomValues(new Uint8Array(12));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+function b64bytes(text) {
+  const bin = atob(text);
+  const b = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) b[i] = bin.charCodeAt(i);
+  return b;
+}
+
+async function errorOf(res) {
+  try {
+    const body = await res.json();
+    if (body && body.error) return new BrokerError(body.error.code, body.error.message, { status: res.status });
+  } catch { /* not our JSON */ }
+  return new BrokerError(`http_${res.status}`, `HTTP ${res.status}`, { status: res.status });
+}
+
+// A transport attempt ends by throwing one of these: Lost (retry),
+// Fatal (stop the client), Reset (the epoch changed: read again from -1).
+class Lost extends Error {}
+class Fatal extends Error {
+  constructor(error) { super(error.message); this.error = error; }
+}
+
+// ----------------------------------------------------------------- client
+
+/**
+ * Follow one session.  Options:
+ *   url          the broker's base URL (default: this page's origin)
+ *   session      the session name
+ *   token        a JWT, or a function (maybe async) returning one
+ *   transports   the order to try: ["ws", "sse", "longpoll"] (any subset)
+ *   storageKey   where the cursor is kept in sessionStorage ("broker:<session>")
+ *   offset       where to start reading: -1 (the whole log), "now", a number;
+ *                default: the saved cursor, else -1
+ *   contentType  the session's content type (default application/json): JSON
+ *                sessions give and take JSON values, text/* strings, others bytes
+ *   create       PUT the session (with contentType) before reading
+ *   backoff      {initial, maximum, multiplier, resetAfter} in seconds
+ */
+export function connect(options) {
+  return new Client(options);
+}
+
+export class Client {
+  constructor(options) {
+    const o = { ...options };
+    if (!o.session) throw new BrokerError("bad_session", "connect() needs a session name");
+    this.session = o.session;
+    this.url = (o.url || globalThis.location.origin).replace(/\/+$/, "");
+    this.transports = (o.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
+    if (!this.transports.length) throw new BrokerError("bad_transports", "no known transport given");
+    this.storageKey = o.storageKey || `broker:${o.session}`;
+    this.contentType = o.contentType || "application/json";
+    this.format = /^application\/json\b/i.test(this.contentType) ? "json"
+      : /^text\//i.test(this.contentType) ? "text" : "bytes";
+    this.backoff = new Backoff(o.backoff);
+    this._token = o.token;
+    this._create = !!o.create;
+    this._createOption = !!o.create;
+    this._handlers = { record: new Set(), state: new Set(), reset: new Set(), error: new Set() };
+
+    const saved = o.offset === undefined ? this._load() : null;
+    this.next = saved ? saved.offset : (o.offset === "now" ? "now" : parseOffset(o.offset ?? -1));
+    this.epoch = saved ? saved.epoch : (o.epoch ?? null);
+
+    this.state = "connecting";        // connecting | connected | reconnecting | reset | ended | closed
+    this.transport = this.transports[0];
+    this.upToDate = false;
+    this.error = null;                // why the client closed on its own
+    this.clientId = null;             // the WebSocket client id the server gave us
+    this._closed = false;
+    this._ws = null;                  // the WebSocket while connected over it
+    this._wsWaiters = new Map();      // request id -> {resolve, reject}
+    this._nextId = 1;
+    this._aborts = new Set();         // AbortControllers and closers of the attempt in progress
+
+    this._producer = { id: randomId(), epoch: 0, seq: 0, family: null };
+    this._queue = [];                 // pending publishes, sent one at a time
+    this._wake = null;
+    this._pumping = this._pump();
+    this._running = this._run();
+  }
+
+  // ---------------------------------------------------------- public API
+
+  /** on("record"|"state"|"reset"|"error", fn); returns a function that removes fn. */
+  on(event, fn) {
+    const set = this._handlers[event];
+    if (!set) throw new BrokerError("bad_event", `no event ${event}`);
+    set.add(fn);
+    if (event === "state") fn(this._stateInfo());
+    return () => set.delete(fn);
+  }
+
+  /** Append one record (a JSON value for JSON sessions).  Resolves to its
+   * offset, or null when a resend was recognised as already stored. */
+  publish(value, { meta } = {}) { return this._enqueue(0, value, meta); }
+
+  /** Append one signal (kind 1): cancel, approval, human input. */
+  signal(value, { meta } = {}) { return this._enqueue(1, value, meta); }
+
+  /** Stop: the socket is closed, pending publishes are rejected. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    this._abortAttempt();
+    for (const item of this._queue) item.reject(new BrokerError("client_closed", "the client was closed"));
+    this._queue = [];
+    this._kick();
+    this._setState("closed");
+  }
+
+  // ---------------------------------------------------------- events
+
+  _emit(event, arg) {
+    for (const fn of [...this._handlers[event]]) {
+      try { fn(arg); } catch (e) { console.error(`broker.js: ${event} handler failed`, e); }
+    }
+  }
+
+  _stateInfo() {
+    return {
+      state: this.state, transport: this.transport, offset: this.next, epoch: this.epoch,
+      upToDate: this.upToDate, error: this.error,
+    };
+  }
+
+  _setState(state) {
+    this.state = state;
+    this._emit("state", this._stateInfo());
+    this._kick();
+  }
+
+  _deliver(records) {
+    let any = false;
+    for (const r of records) {
+      if (typeof this.next === "number" && this.next >= 0 && r.offset < this.next) continue;
+      this.next = r.offset + 1;
+      any = true;
+      this._emit("record", r);
+    }
+    if (any) { this._save(); this._emit("state", this._stateInfo()); }
+  }
+
+  _advance(next, upToDate) {
+    if (typeof this.next !== "number" || next > this.next) this.next = next;
+    if (upToDate) this.upToDate = true;
+    this._save();
+    this._emit("state", this._stateInfo());
+  }
+
+  _reset(epoch) {
+    // The session was deleted and created again: offsets start over.
+    this.epoch = epoch;
+    this.next = -1;
+    this.upToDate = false;
+    this._save();
+    this._setState("reset");
+    this._emit("reset", { epoch });
+  }
+
+  _load() {
+    try {
+      const v = JSON.parse(globalThis.sessionStorage?.getItem(this.storageKey) || "null");
+      return v && typeof v.offset === "number" ? v : null;
+    } catch { return null; }
+  }
+
+  _save() {
+    if (typeof this.next !== "number") return;
+    try {
+      globalThis.sessionStorage?.setItem(this.storageKey, JSON.stringify({ epoch: this.epoch, offset: this.next }));
+    } catch { /* storage full or disabled: the cursor lives in memory only */ }
+  }
+
+  async _tokenValue() {
+    const t = typeof this._token === "function" ? await this._token() : this._token;
+    return t || null;
+  }
+
+  _fail(error) {
+    this.error = error;
+    this._emit("error", error);
+    this.close();
+  }
+
+  // ---------------------------------------------------------- supervisor
+
+  async _run() {
+    let index = 0, failures = 0, attempt = 0;
+    while (!this._closed) {
+      this.transport = this.transports[index];
+      const started = Date.now();
+      let opened = false;
+      try {
+        if (this._create) await this._put();
+        const attemptFn = { ws: this._runWs, sse: this._runSse, longpoll: this._runLongPoll }[this.transport];
+        await attemptFn.call(this, () => { opened = true; });
+        throw new Lost("ended");
+      } catch (e) {
+        if (this._closed) break;
+        if (e instanceof Fatal) { this._fail(e.error); break; }
+        if (!(e instanceof Lost)) { console.error("broker.js:", e); }
+        if (e instanceof BrokerError && AUTH_ERRORS.has(e.code) && typeof this._token !== "function") {
+          this._fail(e); break;
+        }
+      } finally {
+        this._abortAttempt();
+      }
+      if (this.state === "ended") break;
+      if (opened) {
+        failures = 0;
+        if ((Date.now() - started) / 1000 >= this.backoff.resetAfter) attempt = 0;
+      } else if (++failures >= 2 && index < this.transports.length - 1 && await this._httpAnswers()) {
+        index++;                 // this transport does not get through; HTTP does
+        failures = 0;
+        attempt = 0;
+        continue;
+      }
+      this._setState("reconnecting");
+      await sleep(this.backoff.delay(attempt++));
+    }
+  }
+
+  _abortAttempt() {
+    for (const abort of this._aborts) abort();
+    this._aborts.clear();
+  }
+
+  _sessionUrl() {
+    return `${this.url}/v1/stream/${this.session.split("/").map(encodeURIComponent).join("/")}`;
+  }
+
+  async _headers(extra = {}) {
+    const token = await this._tokenValue();
+    return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+  }
+
+  async _fetch(url, init = {}) {
+    const ctl = new AbortController();
+    const abort = () => ctl.abort();
+    this._aborts.add(abort);
+    try {
+      return await fetch(url, { ...init, signal: ctl.signal, cache: "no-store" });
+    } catch (e) {
+      throw new Lost(String(e));
+    } finally {
+      this._aborts.delete(abort);
+    }
+  }
+
+  async _httpAnswers() {
+    try {
+      const ctl = new AbortController();
+      const timer = setTimeout(() => ctl.abort(), 10000);
+      await fetch(this._sessionUrl(), { method: "HEAD", headers: await this._headers(), signal: ctl.signal, cache: "no-store" });
+      clearTimeout(timer);
+      return true;
+    } catch { return false; }
+  }
+
+  async _put() {
+    const res = await this._fetch(this._sessionUrl(), {
+      method: "PUT", headers: await this._headers({ "Content-Type": this.contentType }),
+    });
+    if (res.ok || res.status === 409) { this._create = false; return; }  // 409: it exists, as something else
+    const err = await errorOf(res);
+    if (res.status === 401 || res.status === 403) throw new Fatal(err);
+    throw new Lost(err.message);
+  }
+
+  _payload(d, b64) {
+    if (this.format === "bytes" && b64) return b64bytes(d);
+    return d;
+  }
+
+  _wsPayload(bytes) {
+    if (this.format === "bytes") return bytes;
+    const text = fromUtf8.decode(bytes);
+    return this.format === "json" ? JSON.parse(text) : text;
+  }
+
+  _httpFailure(err) {
+    // A read refused over HTTP.  offset_out_of_range after a delete and
+    // re-create is the only sign HTTP gives of a new epoch.
+    if (err.code === "offset_out_of_range" || err.code === "offset_too_old") {
+      this._reset(this.epoch);
+      throw new Lost(err.message);
+    }
+    if (err.status === 401 || err.status === 403) throw (typeof this._token === "function" && AUTH_ERRORS.has(err.code)) ? new Lost(err.message) : new Fatal(err);
+    if ((err.code === "session_not_found" || err.status === 404) && this._createOption) this._create = true;
+    throw new Lost(err.message);
+  }
+
+  // ---------------------------------------------------------- WebSocket
+
+  _runWs(opened) {
+    const wsUrl = this.url.replace(/^http/i, "ws") + "/v1/ws";
+    return new Promise((resolve, reject) => {
+      let ws;
+      try {
+        ws = new WebSocket(wsUrl, SUBPROTOCOL);
+      } catch (e) { reject(new Fatal(new BrokerError("bad_url", String(e)))); return; }
+      ws.binaryType = "arraybuffer";
+      let welcomed = false, heartbeat = 25, heard = Date.now(), attachId = 0;
+      let finished = false;
+      const finish = (error) => {
+        if (finished) return;
+        finished = true;
+        clearInterval(watch);
+        if (this._ws === ws) this._ws = null;
+        for (const w of this._wsWaiters.values()) w.reject(new Lost("connection lost"));
+        this._wsWaiters.clear();
+        try { ws.close(1000); } catch { /* already closing */ }
+        this._kick();
+        reject(error);
+      };
+      const abort = () => finish(new Lost("aborted"));
+      this._aborts.add(abort);
+      const connectBy = Date.now() + 10000;
+      const watch = setInterval(() => {
+        // No welcome in time, or silence for two heartbeats: a dead link.
+        if (!welcomed && Date.now() > connectBy) finish(new Lost("no welcome"));
+        if (welcomed && Date.now() - heard > 2 * heartbeat * 1000) finish(new Lost("heartbeat lost"));
+      }, 500);
+      const send = (frame) => ws.send(encode(frame));
+      const attach = () => {
+        attachId = this._nextId++;
+        const frame = { t: "attach", id: attachId, s: this.session, offset: this.next };
+        if (this.epoch !== null && this.next !== -1 && this.next !== "now") frame.epoch = this.epoch;
+        send(frame);
+      };
+      ws.onopen = async () => {
+        const hello = { t: "hello" };
+        if (this.clientId) hello.client = this.clientId;
+        const token = await this._tokenValue();
+        if (token) hello.token = token;
+        if (ws.readyState === WebSocket.OPEN) send(hello);
+      };
+      ws.onclose = (ev) => {
+        if (FATAL_CLOSES.has(ev.code)) finish(new Fatal(new BrokerError("protocol_error", `closed ${ev.code} ${ev.reason}`)));
+        else finish(new Lost(`closed ${ev.code}`));
+      };
+      ws.onmessage = (ev) => {
+        heard = Date.now();
+        if (typeof ev.data === "string") return;
+        let f;
+        try { f = decode(ev.data); } catch (e) { finish(new Lost(`bad frame: ${e}`)); return; }
+        if (!f || typeof f !== "object") return;
+        switch (f.t) {
+          case "welcome":
+            welcomed = true;
+            heartbeat = f.heartbeat || 25;
+            this.clientId = f.client || this.clientId;
+            attach();
+            break;
+          case "attached":
+            if (f.id !== attachId) break;
+            this.epoch = f.epoch;
+            if (this.next === "now") this.next = f.offset;
+            this._ws = ws;
+            opened();
+            this._setState("connected");
+            break;
+          case "data":
+            if (f.s !== this.session) break;
+            this._deliver((f.r || []).map((r) => {
+              const h = r[3] || [];
+              return { offset: r[0], kind: r[2], publisher: h[0] ?? null, ts: r[1], meta: h[1] ?? null, data: this._wsPayload(r[4]) };
+            }));
+            break;
+          case "up_to_date":
+            if (f.s === this.session) this._advance(f.next, true);
+            break;
+          case "event":
+            if (f.e === "epoch_changed") { this._reset(f.epoch); attach(); }
+            else if (f.e === "closed") this._setState("ended");
+            else if (f.e === "deleted") finish(new Fatal(new BrokerError("deleted", `session ${this.session} was deleted`)));
+            break;
+          case "ping":
+            send({ t: "pong", id: f.id });
+            break;
+          case "ack": {
+            const w = this._wsWaiters.get(f.id);
+            if (w) { this._wsWaiters.delete(f.id); w.resolve(f); }
+            break;
+          }
+          case "error": {
+            const err = new BrokerError(f.code, f.message, { retryAfter: f.retry_after, session: f.s });
+            const w = f.id !== undefined ? this._wsWaiters.get(f.id) : undefined;
+            if (w) { this._wsWaiters.delete(f.id); w.reject(err); break; }
+            if (AUTH_ERRORS.has(f.code)) finish(typeof this._token === "function" ? new Lost(f.message) : new Fatal(err));
+            else if (f.id === attachId && f.code === "session_not_found" && this._createOption) { this._create = true; finish(new Lost(f.message)); }
+            else if (f.id === attachId || f.code === "forbidden") finish(f.code === "forbidden" ? new Fatal(err) : new Lost(f.message));
+            else this._emit("error", err);
+            break;
+          }
+          default: break;
+        }
+      };
+    });
+  }
+
+  // ---------------------------------------------------------- HTTP reads
+
+  async _readUrl(live) {
+    const start = this.next === "now" ? "now" : formatOffset(this.next);
+    let url = `${this._sessionUrl()}?offset=${start}&view=records`;
+    if (live) url += `&live=${live}`;
+    if (live === "sse") {
+      // EventSource cannot set headers: the token goes in the query.
+      const token = await this._tokenValue();
+      if (token) url += `&token=${encodeURIComponent(token)}`;
+    }
+    return url;
+  }
+
+  _httpRecords(list) {
+    return list.map((r) => ({ offset: r.o, kind: r.k, publisher: r.p ?? null, ts: r.ts, meta: r.m ?? null, data: this._payload(r.d, r.b64) }));
+  }
+
+  async _runSse(opened) {
+    const url = await this._readUrl("sse");
+    return new Promise((resolve, reject) => {
+      const es = new EventSource(url);
+      let done = false, isOpen = false;
+      const finish = (e) => { if (done) return; done = true; es.close(); reject(e); };
+      this._aborts.add(() => finish(new Lost("aborted")));
+      es.addEventListener("open", () => { isOpen = true; opened(); this._setState("connected"); });
+      es.addEventListener("data", (ev) => {
+        try { this._deliver(this._httpRecords(JSON.parse(ev.data))); }
+        catch (e) { finish(new Lost(`bad data event: ${e}`)); }
+      });
+      es.addEventListener("control", (ev) => {
+        let c;
+        try { c = JSON.parse(ev.data); } catch { return; }
+        if (c.streamNextOffset) this._advance(parseOffset(c.streamNextOffset), !!c.upToDate);
+        if (c.streamClosed) { this._setState("ended"); finish(new Lost("closed")); }
+      });
+      // EventSource would retry by itself from the offset in its URL; a new
+      // one from `next` is what resumes without a repeat, so close it here.
+      es.addEventListener("error", async () => {
+        if (done) return;
+        es.close();
+        if (!isOpen) {
+          // Never opened: ask plain HTTP why (a 401 or 404 is not worth retrying).
+          try {
+            const res = await this._fetch(this._sessionUrl(), { method: "HEAD", headers: await this._headers() });
+            if (!res.ok && res.status !== 405) this._httpFailure(await errorOf(res));
+          } catch (e) { finish(e); return; }
+        }
+        finish(new Lost("event stream ended"));
+      });
+    });
+  }
+
+  async _runLongPoll(opened) {
+    // Catch up with plain reads first: a long-poll only answers at once when
+    // there is something to read, and an empty session would look dead.
+    let caughtUp = false;
+    while (!this._closed) {
+      const live = caughtUp ? "long-poll" : null;
+      const res = await this._fetch(await this._readUrl(live), { headers: await this._headers() });
+      if (res.status !== 200 && res.status !== 204) this._httpFailure(await errorOf(res));
+      let records = [];
+      if (res.status === 200) {
+        try { records = await res.json(); } catch (e) { throw new Lost(String(e)); }
+      }
+      if (this.state !== "connected") { opened(); this._setState("connected"); }
+      this._deliver(this._httpRecords(records));
+      const nextHeader = res.headers.get("Stream-Next-Offset");
+      const upToDate = res.headers.get("Stream-Up-To-Date") === "true";
+      if (nextHeader) this._advance(parseOffset(nextHeader), upToDate);
+      if (upToDate) caughtUp = true;
+      if (res.headers.get("Stream-Closed") === "true" && res.status === 204) { this._setState("ended"); return; }
+    }
+  }
+
+  // ---------------------------------------------------------- publishing
+
+  _enqueue(kind, value, meta) {
+    if (this._closed) return Promise.reject(new BrokerError("client_closed", "the client was closed"));
+    let body;
+    if (this.format === "json") body = JSON.stringify(value);
+    else if (this.format === "text") body = String(value);
+    else body = value instanceof Uint8Array ? value : utf8.encode(String(value));
+    if (body === undefined) return Promise.reject(new BrokerError("bad_payload", "not a JSON value"));
+    return new Promise((resolve, reject) => {
+      this._queue.push({ kind, body, meta, stamp: null, family: null, resolve, reject });
+      this._kick();
+    });
+  }
+
+  _kick() {
+    const wake = this._wake;
+    this._wake = null;
+    if (wake) wake();
+  }
+
+  _waitKick() {
+    return new Promise((r) => { this._wake = r; });
+  }
+
+  _stamp(item, family) {
+    const p = this._producer;
+    if (item.stamp && item.family === family) return item.stamp;
+    if (p.family !== null && p.family !== family) { p.epoch++; p.seq = 0; }  // see the top comment
+    p.family = family;
+    item.family = family;
+    item.stamp = { id: p.id, epoch: p.epoch, seq: p.seq++ };
+    return item.stamp;
+  }
+
+  async _pump() {
+    let attempt = 0;
+    while (true) {
+      if (this._closed) return;
+      const item = this._queue[0];
+      const ws = this._ws;
+      const overWs = this.transport === "ws";
+      if (!item || (overWs && (!ws || this.state !== "connected"))) { await this._waitKick(); continue; }
+      try {
+        const result = overWs ? await this._publishWs(ws, item) : await this._publishHttp(item);
+        this._queue.shift();
+        attempt = 0;
+        item.resolve(result);
+      } catch (e) {
+        if (this._closed) return;
+        if (e instanceof Lost || (e instanceof BrokerError && RETRY_PUBLISH.has(e.code))) {
+          const wait = e.retryAfter ?? this.backoff.delay(attempt++);
+          await Promise.race([sleep(wait), this._waitKick()]);
+          continue;
+        }
+        // Refused for good: that publish fails, and the producer moves to a
+        // new epoch so the next one does not leave a sequence gap.
+        this._queue.shift();
+        this._producer.epoch++;
+        this._producer.seq = 0;
+        item.reject(e);
+      }
+    }
+  }
+
+  _publishWs(ws, item) {
+    const id = this._nextId++;
+    const stamp = this._stamp(item, "ws");
+    const frame = { t: "publish", id, s: this.session, r: [typeof item.body === "string" ? utf8.encode(item.body) : item.body], kind: item.kind, producer: stamp };
+    if (item.meta !== undefined) frame.meta = [item.meta];
+    return new Promise((resolve, reject) => {
+      this._wsWaiters.set(id, {
+        resolve: (ack) => resolve(ack.dup ? null : ack.offset),
+        reject,
+      });
+      try { ws.send(encode(frame)); } catch (e) { this._wsWaiters.delete(id); reject(new Lost(String(e))); }
+    });
+  }
+
+  async _publishHttp(item) {
+    const stamp = this._stamp(item, "http");
+    const headers = {
+      "Content-Type": this.contentType,
+      "Producer-Id": stamp.id, "Producer-Epoch": String(stamp.epoch), "Producer-Seq": String(stamp.seq),
+    };
+    if (item.kind === 1) headers["Broker-Kind"] = "signal";
+    // A top-level JSON array would be split into records: wrap the value.
+    const body = this.format === "json" ? `[${item.body}]` : item.body;
+    let res;
+    try {
+      res = await fetch(this._sessionUrl(), { method: "POST", headers: await this._headers(headers), body, cache: "no-store" });
+    } catch (e) { throw new Lost(String(e)); }
+    if (res.status === 200) {
+      const next = res.headers.get("Stream-Next-Offset");
+      return next ? parseOffset(next) - 1 : null;
+    }
+    if (res.status === 204) return null;             // a retry of a stored append
+    const err = await errorOf(res);
+    if (res.status === 429) err.retryAfter = Number(res.headers.get("Retry-After")) || undefined;
+    if (res.status === 429 || res.status >= 500) err.code = RETRY_PUBLISH.has(err.code) ? err.code : "unavailable";
+    throw err;
+  }
+
+}
