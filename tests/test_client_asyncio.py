@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
-import subprocess
-import sys
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -23,6 +19,7 @@ import pytest
 from broker._auth import mint
 from broker.client import Backoff, ClientError, Cursor, State, connect
 from _proxy import ThreadedProxy
+from _serveproc import serving
 
 SECRET = "a test secret that is long enough for HS256"
 FAST = Backoff(initial=0.002, maximum=0.02)
@@ -35,29 +32,10 @@ def token(sub: str = "alice") -> str:
 
 @pytest.fixture(scope="module")
 def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """One ``broker serve`` with auth for the module; its stderr is drained
-    by a thread so that its logging never blocks it."""
+    """One ``broker serve`` with auth for the module."""
     data = tmp_path_factory.mktemp("asyncio") / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "serve", "--port", "0",
-                             "--data-dir", str(data), "--auth-secret", SECRET],
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    found = 0
-    for line in proc.stderr:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            found = int(m.group(1))
-            break
-    drain = threading.Thread(target=proc.stderr.read, daemon=True)
-    drain.start()
-    try:
-        assert found, "the server did not report its port"
+    with serving(data, "--auth-secret", SECRET) as (_, found):
         yield found
-    finally:
-        proc.kill()
-        proc.wait()
-        drain.join(10)
-        proc.stderr.close()
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:

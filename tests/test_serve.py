@@ -2,49 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import re
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from _serveproc import serving
 from broker._http import BadRequest, RequestReader
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    with serving(tmp_path) as started:
+    with serving(tmp_path / "data") as started:
         yield started
-
-
-@contextlib.contextmanager
-def serving(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir",
-         str(tmp_path / "data"), *flags], stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    port = 0
-    for line in proc.stderr:
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    assert port, "server did not report its port"
-    try:
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -160,7 +136,7 @@ async def test_limit_flags_reach_the_server(tmp_path: Path) -> None:
     flags = ("--max-body-bytes", "200", "--max-record-bytes", "50", "--max-batch-records", "2",
              "--http-publish-rate", "0.01", "--http-publish-burst", "4",
              "--ws-max-sessions", "1")
-    with serving(tmp_path, *flags) as (proc, port):
+    with serving(tmp_path / "data", *flags) as (proc, port):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)   # one connection
         json_ct = {"content-type": "application/json"}
 
@@ -205,7 +181,7 @@ def test_open_serve_on_loopback_refuses_foreign_pages(
 
 def test_insecure_no_auth_lets_a_local_proxy_decide(tmp_path: Path) -> None:
     # Behind a reverse proxy on the same machine, Host is the public name.
-    with serving(tmp_path, "--insecure-no-auth") as (_, port):
+    with serving(tmp_path / "data", "--insecure-no-auth") as (_, port):
         answer = exchange(port, b"PUT /v1/stream/s HTTP/1.1\r\nhost: chat.example\r\n"
                                 b"origin: https://chat.example\r\ncontent-length: 0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 201 "), answer

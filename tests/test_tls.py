@@ -10,11 +10,9 @@ does not speak TLS, or stops halfway.
 
 from __future__ import annotations
 
-import re
 import signal
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from broker import _frames, client
 from broker._handshake import SUBPROTOCOL
 from broker._limits import HttpLimits
 from broker._server import make_ssl_context
+from _serveproc import serving
 from conftest import Served, serve_in_process
 
 WAIT = 15           # seconds: a bound on any wait, far above every timeout used here
@@ -216,25 +215,9 @@ async def test_a_tls_connection_beyond_the_limit_gets_503(tmp_path: Path, pki: P
 
 @pytest.fixture
 def tls_server(tmp_path: Path, pki: Pki) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir",
-         str(tmp_path / "data"), "--tls-cert", str(pki.cert_file),
-         "--tls-key", str(pki.key_file)], stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    port = 0
-    for line in proc.stderr:
-        m = re.search(r"listening on https://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-            break
-    assert port, "server did not report an https:// port"
-    try:
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    with serving(tmp_path / "data", "--tls-cert", str(pki.cert_file),
+                 "--tls-key", str(pki.key_file)) as started:
+        yield started
 
 
 def test_broker_serve_with_tls(tls_server: tuple[subprocess.Popen[str], int],
