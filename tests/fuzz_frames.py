@@ -25,25 +25,20 @@ random mode for about two seconds.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import inspect
-import os
 import random
 import struct
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _fuzzmain  # noqa: E402
 from broker import _frames as F  # noqa: E402
 
 U64_MAX = (1 << 64) - 1
@@ -234,46 +229,13 @@ def run(seconds: float, seed: int) -> int:
     return cases
 
 
-def instrument(atheris: Any, *modules: ModuleType) -> None:
-    """Coverage for the Python under test only (instrument_all takes half a
-    minute); compiled code (httptools, msgpack, _core) is not instrumented."""
-    for module in modules:
-        for obj in vars(module).values():
-            for f in [obj, *vars(obj).values()] if inspect.isclass(obj) else [obj]:
-                if inspect.isfunction(f) and f.__module__ == module.__name__:
-                    atheris.instrument_func(f)
-
-
 def run_atheris(seconds: float, seed: int, extra: list[str]) -> None:
-    import atheris      # only here: the random mode must run where atheris does not install
-    inputs = [a for a in extra if not a.startswith("-")]
-    if not inputs:          # no files to replay or corpus directories given: a fresh corpus
-        corpus = tempfile.mkdtemp(prefix="fuzz_frames-corpus-")
-        for i, frame in enumerate(FRAMES):
-            Path(corpus, f"seed{i}").write_bytes(F.encode(frame))
-        print(f"corpus in {corpus}", flush=True)
-        inputs = [corpus]
-    instrument(atheris, F)
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", f"-seed={seed}",
-                   *(a for a in extra if a.startswith("-")), *inputs], one_input)
-    atheris.Fuzz()
+    _fuzzmain.run_atheris("fuzz_frames", seconds, seed, extra, one_input, [F],
+                          lambda rng: (F.encode(frame) for frame in FRAMES))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
-    ap.add_argument("--atheris", action="store_true", help="coverage-guided, with libFuzzer")
-    args, extra = ap.parse_known_args()
-    if extra and not args.atheris:
-        ap.error(f"unknown arguments {extra} (libFuzzer's go with --atheris)")
-    faulthandler.dump_traceback_later(args.seconds + 60, exit=True)
-    print(f"seed {args.seed}", flush=True)
-    if args.atheris:
-        run_atheris(args.seconds, args.seed, extra)
-    cases = run(args.seconds, args.seed)
-    print(f"{cases} cases, no failure")
-    return 0
+    return _fuzzmain.main(__doc__, run, run_atheris)
 
 
 if __name__ == "__main__":

@@ -29,21 +29,15 @@ mode for about two seconds.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import inspect
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _fuzzmain  # noqa: E402
 from broker import _http  # noqa: E402
 from broker._http import MAX_HEADER_BYTES, BadRequest, Request, RequestReader  # noqa: E402
 
@@ -282,47 +276,13 @@ def run(seconds: float, seed: int) -> int:
     return cases
 
 
-def instrument(atheris: Any, *modules: ModuleType) -> None:
-    """Coverage for the Python under test only (instrument_all takes half a
-    minute); compiled code (httptools, msgpack, _core) is not instrumented."""
-    for module in modules:
-        for obj in vars(module).values():
-            for f in [obj, *vars(obj).values()] if inspect.isclass(obj) else [obj]:
-                if inspect.isfunction(f) and f.__module__ == module.__name__:
-                    atheris.instrument_func(f)
-
-
 def run_atheris(seconds: float, seed: int, extra: list[str]) -> None:
-    import atheris      # only here: the random mode must run where atheris does not install
-    rng = random.Random(seed)
-    inputs = [a for a in extra if not a.startswith("-")]
-    if not inputs:          # no files to replay or corpus directories given: a fresh corpus
-        corpus = tempfile.mkdtemp(prefix="fuzz_http-corpus-")
-        for i in range(50):
-            Path(corpus, f"seed{i}").write_bytes(b"\x00" + valid_stream(rng)[0])
-        print(f"corpus in {corpus}", flush=True)
-        inputs = [corpus]
-    instrument(atheris, _http)
-    atheris.Setup([sys.argv[0], f"-max_total_time={int(seconds)}", f"-seed={seed}",
-                   *(a for a in extra if a.startswith("-")), *inputs], one_input)
-    atheris.Fuzz()
+    _fuzzmain.run_atheris("fuzz_http", seconds, seed, extra, one_input, [_http],
+                          lambda rng: (b"\x00" + valid_stream(rng)[0] for _ in range(50)))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
-    ap.add_argument("--atheris", action="store_true", help="coverage-guided, with libFuzzer")
-    args, extra = ap.parse_known_args()
-    if extra and not args.atheris:
-        ap.error(f"unknown arguments {extra} (libFuzzer's go with --atheris)")
-    faulthandler.dump_traceback_later(args.seconds + 60, exit=True)
-    print(f"seed {args.seed}", flush=True)
-    if args.atheris:
-        run_atheris(args.seconds, args.seed, extra)
-    cases = run(args.seconds, args.seed)
-    print(f"{cases} cases, no failure")
-    return 0
+    return _fuzzmain.main(__doc__, run, run_atheris)
 
 
 if __name__ == "__main__":
