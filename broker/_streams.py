@@ -222,6 +222,21 @@ def _parse_kind(text: str) -> int | None:
     return None
 
 
+def _meta_header(req: Request) -> list[Any] | None:
+    """The record metadata a POST gives (``Broker-Meta``: a JSON array with one
+    value per record, in ASCII, non-ASCII as \\u escapes), or None."""
+    raw = req.header(b"broker-meta")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list):
+        raise _Fail(400, "bad_meta", "Broker-Meta must be a JSON array, one value per record")
+    return value
+
+
 def _kind_header(req: Request) -> int:
     """The kind a POST gives its records (``Broker-Kind``; message without it)."""
     raw = req.header(b"broker-kind")
@@ -649,10 +664,13 @@ class StreamsApi:
         close = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
         kind = _kind_header(req)
-        if kind != MESSAGE and body and (seq is not None or (producer and close)):
-            # The session core stamps a kind only on plain and producer appends.
-            raise _Fail(400, "bad_kind", "Broker-Kind other than message cannot be combined "
-                        "with Stream-Seq, nor with Stream-Closed on a producer's append")
+        metas = _meta_header(req)
+        headed = kind != MESSAGE or metas is not None      # needs the session's publish path
+        if headed and body and (seq is not None or (producer and close)):
+            # The session core stamps a kind or meta only on plain and producer appends.
+            raise _Fail(400, "bad_kind", "Broker-Kind other than message, or Broker-Meta, "
+                        "cannot be combined with Stream-Seq, nor with Stream-Closed on a "
+                        "producer's append")
         info = await self.broker.info(name, touch=True)
         await self._check_gone(info)
         if not body and close and producer is not None:
@@ -676,9 +694,12 @@ class StreamsApi:
             raise _Fail(409, "content_type_mismatch",
                         f"the stream holds {info.content_type}, not {ct}")
         records = _json_records(body, False, self.max_batch_records) if _is_json(ct) else [body]
-        if producer is not None and kind != MESSAGE:
+        if metas is not None and len(metas) != len(records):
+            raise _Fail(400, "bad_meta", f"Broker-Meta has {len(metas)} values for "
+                        f"{len(records)} records")
+        if producer is not None and headed:
             produced = await self.broker.publish(name, records, kind=kind, publisher=who.sub,
-                                                 producer=producer)
+                                                 metas=metas, producer=producer)
             assert isinstance(produced, ProduceResult)
             await self._produced(name, produced, producer, out)
             return
@@ -689,9 +710,9 @@ class StreamsApi:
             await self._produced(name, result, producer, out)
             return
         try:
-            if kind != MESSAGE:
+            if headed:
                 published = await self.broker.publish(name, records, kind=kind,
-                                                      publisher=who.sub)
+                                                      publisher=who.sub, metas=metas)
                 assert isinstance(published, range)
                 offsets = published
             else:

@@ -26,8 +26,12 @@ Four layers, each usable on its own:
    (drop it now); that is the whole ``Transport`` protocol.
    ``WebSocketTransport`` puts the codec on an anyio byte stream (TCP, or TLS
    for ``wss://``), answers WebSocket pings and does the closing handshake.
-   ``connect(dial=...)`` takes any other dialer, which is where an SSE or
-   long-poll transport will plug in.
+   ``HttpTransport`` plays the server's half of that protocol locally over
+   the Durable Streams HTTP API (SSE or long-poll reads with
+   ``view=records``, POSTs with the producer headers), for networks that do
+   not pass WebSockets.  ``connect(transports=...)`` tries them in order and
+   gives up one that fails to open twice while the broker answers plain
+   HTTP; ``connect(dial=...)`` takes any other dialer.
 
 3. ``Connection`` is one connection's protocol: ``hello``, requests answered
    by id, each attached session's frames routed to its sink, the server's
@@ -80,6 +84,8 @@ supervisor and the pump record what happened and wake whoever waits.
 from __future__ import annotations
 
 import enum
+import functools
+import importlib.util
 import itertools
 import logging
 import math
@@ -108,7 +114,8 @@ __all__ = [
     "Attachment", "Backoff", "Client", "ClientClosed", "ClientError", "CloseInfo", "Connection",
     "ConnectionLost", "Cursor", "EpochChanged", "MessageStream", "Record", "Session",
     "SessionDeleted", "SessionEnded", "Signal", "State", "Subscription", "Transport",
-    "TransportClosed", "WebSocketTransport", "connect", "dial_websocket", "open_connection",
+    "TransportClosed", "HttpTransport", "WebSocketTransport", "connect", "dial_http",
+    "dial_websocket", "open_connection",
 ]
 
 logger = logging.getLogger("broker.client")
@@ -568,6 +575,558 @@ async def _drop(stream: anyio.abc.ByteStream | None) -> None:
             await stream.aclose()
 
 
+# ================================================================ HTTP transports (SSE, long-poll)
+
+_HTTP_RETRY_STATUSES: Final = frozenset({408, 429})
+
+
+def _http_base(ws_url: str) -> str | None:
+    """The HTTP base URL of the broker behind a ``ws(s)://host/.../v1/ws``
+    URL (None if the URL does not end in ``/v1/ws``: then there is no
+    Durable Streams API to fall back to)."""
+    parts = urlsplit(ws_url)
+    if parts.scheme not in ("ws", "wss") or not parts.netloc or not parts.path.endswith("/v1/ws"):
+        return None
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return f"{scheme}://{parts.netloc}{parts.path[:-len('/v1/ws')]}"
+
+
+def _media(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+class _HttpFailure(Exception):
+    """A request of an HTTP transport failed: the link is lost."""
+
+
+@functools.cache
+def _body_class() -> type:
+    """A request body type for httpx that is not an async generator: httpx
+    wraps what it is given in one, which trio reports (a ResourceWarning)
+    when a cut or a cancellation leaves it unfinished."""
+    import httpx
+
+    class Body(httpx.AsyncByteStream):
+        def __init__(self, data: bytes) -> None:
+            self._data: bytes | None = data
+
+        def __aiter__(self) -> Body:
+            return self
+
+        async def __anext__(self) -> bytes:
+            data, self._data = self._data, None
+            if data is None:
+                raise StopAsyncIteration
+            return data
+
+    return Body
+
+
+class _Reader:
+    """One attached session of an HttpTransport: its task's cancel scope and
+    the credit the subscription granted (None: unlimited)."""
+
+    def __init__(self, attach: _frames.Attach) -> None:
+        self.attach = attach
+        self.credit = attach.credit
+        self.more = anyio.Event()
+        self.scope = anyio.CancelScope()
+
+
+class HttpTransport:
+    """Protocol frames over the Durable Streams HTTP API, for a network that
+    does not pass WebSockets: ``mode`` is ``"sse"`` or ``"longpoll"``.
+
+    It plays the server's half of the WebSocket protocol locally, so the
+    Connection and Client above it do not know the difference:
+
+    * ``hello`` is a plain request (``GET /v1/stream/``) with the token as
+      ``Authorization: Bearer``: a 404 proves the broker answers and the
+      token verifies (a 401 is the refusal), and the transport answers
+      ``welcome`` itself.  Its heartbeat is an hour: liveness comes from the
+      HTTP read timeout, the server sending SSE keep-alives and long-poll
+      answers well within it.
+    * ``attach`` starts a task that reads ``?view=records`` (kinds, offsets,
+      publishers and meta with every record) from the offset asked: one
+      catch-up GET (answered ``attached``, then its records), then
+      ``live=sse`` or catch-up and ``live=long-poll`` GETs, each from the
+      last ``Stream-Next-Offset``.  Records are handed on only as far as the
+      subscription's credit goes; past it the task stops reading, so credit
+      bounds memory as on the WebSocket.
+    * ``publish`` becomes a POST with the producer stamp in ``Producer-Id``,
+      ``-Epoch`` and ``-Seq`` (and ``Broker-Kind`` for kind != 0): a JSON
+      session's payloads as one JSON array, any other one record per POST.
+      One session's POSTs go one at a time, in order, since producer seqs
+      must arrive in order.  A 204 (a retry of a stored append) is ``ack``
+      with ``dup``.  Record meta goes in ``Broker-Meta`` (a JSON array), so
+      over HTTP it must be JSON values.
+    * Any request that fails on the network ends the whole transport, as a
+      cut WebSocket does; the client dials again and resumes every
+      subscription and resends every unacknowledged publish.  A 401 ends it
+      with the server's code, which the client handles as on the WebSocket.
+
+    HTTP has no session epochs (``epochs`` is False): ``attached`` repeats
+    the epoch asked for (0 if none), and the client does not adopt it.
+    ``serve`` runs the background requests; the client runs it beside the
+    connection.
+    """
+
+    family: Final = "http"         # producer state over HTTP is not the WebSocket's
+    epochs: Final = False
+
+    def __init__(self, base: str, mode: str, http: Any, read_timeout: float) -> None:
+        self.base = base
+        self.mode = mode
+        self.closed: CloseInfo | None = None
+        self._http = http               # an httpx.AsyncClient
+        self._read_timeout = read_timeout
+        self._token: str | None = None
+        self._inbox: deque[_frames.ServerFrame] = deque()
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._later: list[Callable[[], Awaitable[None]]] = []
+        self._readers: dict[str, _Reader] = {}
+        self._posts: dict[str, deque[_frames.Publish]] = {}
+        self._types: dict[str, str] = {}     # session -> content type
+
+    # ------------------------------------------------------------ Transport
+
+    async def send(self, frame: _frames.ClientFrame) -> None:
+        if self.closed is not None:
+            raise TransportClosed(self.closed)
+        if isinstance(frame, _frames.Hello):
+            await self._hello(frame)
+        elif isinstance(frame, _frames.Attach):
+            reader = self._readers[frame.session] = _Reader(frame)
+            self._spawn(lambda: self._read(reader))
+        elif isinstance(frame, _frames.Credit):
+            reader_ = self._readers.get(frame.session)
+            if reader_ is not None and reader_.credit is not None:
+                reader_.credit += frame.n
+                reader_.more.set()
+        elif isinstance(frame, _frames.Detach):
+            gone = self._readers.pop(frame.session, None)
+            if gone is None:
+                self._put(_frames.Error("not_attached", f"not attached to {frame.session!r}",
+                                        frame.session, frame.id))
+            else:
+                gone.scope.cancel()
+                self._put(_frames.Detached(frame.id, frame.session))
+        elif isinstance(frame, (_frames.Publish, _frames.Signal)):
+            if isinstance(frame, _frames.Signal):
+                frame = _frames.Publish(frame.id, frame.session, (frame.payload,), 1)
+            queue = self._posts.get(frame.session)
+            if queue is None:
+                queue = self._posts[frame.session] = deque()
+                name = frame.session
+                self._spawn(lambda: self._post_loop(name))
+            queue.append(frame)
+        elif isinstance(frame, _frames.Refresh):
+            self._token = frame.token        # the next request carries it
+            self._put(_frames.Refreshed(frame.id))
+        # A pong needs no answer: HTTP has no server pings.
+
+    async def receive(self) -> _frames.ServerFrame:
+        while not self._inbox:
+            if self.closed is not None:
+                raise TransportClosed(self.closed)
+            self._wake = anyio.Event()
+            await self._wake.wait()
+        return self._inbox.popleft()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self._lost(CloseInfo(code, reason or "closed by the client"))
+
+    async def aclose(self) -> None:
+        self._lost(CloseInfo(1006, "closed by the client"))
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+            await self._http.aclose()
+
+    async def serve(self) -> None:
+        """Run the background requests until the transport ends."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            later, self._later = self._later, []
+            for fn in later:
+                tg.start_soon(self._guard, fn)
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _put(self, frame: _frames.ServerFrame) -> None:
+        if self.closed is None:
+            self._inbox.append(frame)
+            self._wake.set()
+
+    def _lost(self, close: CloseInfo) -> None:
+        if self.closed is None:
+            self.closed = close
+        self._wake.set()
+        self._stop.set()
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._tg is None:
+            self._later.append(fn)
+        else:
+            self._tg.start_soon(self._guard, fn)
+
+    async def _guard(self, fn: Callable[[], Awaitable[None]]) -> None:
+        import httpx
+        try:
+            await fn()
+        except (httpx.HTTPError, _HttpFailure, OSError, anyio.BrokenResourceError) as exc:
+            self._lost(CloseInfo(1006, f"HTTP: {exc or type(exc).__name__}"))
+
+    def _url(self, session: str) -> str:
+        from urllib.parse import quote
+        return f"{self.base}/v1/stream/{quote(session, safe='/:@+=,~-._')}"
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
+    @staticmethod
+    def _error(resp: Any) -> tuple[str, str, float | None]:
+        """The error code, message and Retry-After of an error response."""
+        code, message = "", ""
+        try:
+            body = resp.json()["error"]
+            code, message = str(body["code"]), str(body["message"])
+        except Exception:
+            pass
+        if resp.status_code >= 500 and code not in _RETRY_CODES:
+            code = "unavailable"
+        code = code or ("rate_limited" if resp.status_code == 429 else f"http_{resp.status_code}")
+        retry_after = None
+        try:
+            retry_after = float(resp.headers.get("retry-after", ""))
+        except ValueError:
+            pass
+        return code, message or f"HTTP status {resp.status_code}", retry_after
+
+    def _check_link(self, resp: Any) -> None:
+        """End the transport for answers about the link, not the request: a
+        refused token (401, with the server's code for the client to judge)
+        and a busy or failing server (5xx, 408, 429: dial again later)."""
+        if resp.status_code == 401:
+            code, message, _ = self._error(resp)
+            self._put(_frames.Error(code, message))
+            self._lost(CloseInfo(4001, code))
+            raise _HttpFailure(code)
+        if resp.status_code >= 500 or resp.status_code in _HTTP_RETRY_STATUSES:
+            code, message, _ = self._error(resp)
+            raise _HttpFailure(f"{code}: {message}")
+
+    async def _hello(self, hello: _frames.Hello) -> None:
+        import httpx
+        self._token = hello.token
+        try:
+            resp = await self._http.get(f"{self.base}/v1/stream/", headers=self._headers())
+            self._check_link(resp)
+        except (httpx.HTTPError, _HttpFailure, OSError) as exc:
+            self._lost(CloseInfo(1006, f"HTTP: {exc or type(exc).__name__}"))
+            return
+        self._put(_frames.Welcome(1, hello.client or f"http-{secrets.token_hex(6)}",
+                                  f"{self.mode}-{secrets.token_hex(6)}", 3600.0, 1 << 20))
+
+    async def _content_type(self, session: str) -> str | None:
+        """The session's content type (None: it does not exist).  A token
+        that may not read it gets application/octet-stream assumed."""
+        known = self._types.get(session)
+        if known is None:
+            resp = await self._http.head(self._url(session), headers=self._headers())
+            self._check_link(resp)
+            if resp.status_code == 404:
+                return None
+            known = _media(resp.headers.get("content-type", "")) \
+                if resp.status_code == 200 else "application/octet-stream"
+            self._types[session] = known
+        return known
+
+    async def _create(self, session: str) -> None:
+        """PUT the session as the WebSocket's ``create`` does (a byte
+        session); one that exists already (200, or 409 with other settings)
+        is fine."""
+        resp = await self._http.put(self._url(session), headers=self._headers(
+            {"Content-Type": "application/octet-stream"}))
+        self._check_link(resp)
+        self._types.pop(session, None)
+
+    # ------------------------------------------------------------ reading
+
+    def _params(self, reader: _Reader, offset: int, live: str | None) -> dict[str, str]:
+        from ._offsets import format_offset
+        text = {START: "-1", NOW: "now"}.get(offset) or format_offset(offset)
+        params = {"offset": text, "view": "records"}
+        if reader.attach.kinds is not None:
+            params["kinds"] = ",".join(str(k) for k in reader.attach.kinds)
+        if live is not None:
+            params["live"] = live
+        return params
+
+    @staticmethod
+    def _next_of(text: str | None) -> int | None:
+        from ._offsets import parse_offset_text
+        got = parse_offset_text(text or "")
+        return got if got is not None and got >= 0 else None
+
+    def _records(self, objs: Any, content_type: str) -> list[Record]:
+        import base64
+        import json
+        out = []
+        for obj in objs:
+            d = obj["d"]
+            if obj.get("b64"):
+                payload = base64.b64decode(d)
+            elif content_type == "application/json":
+                payload = json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode()
+            else:
+                payload = str(d).encode()
+            out.append(Record(int(obj["o"]), int(obj["ts"]), int(obj["k"]), payload,
+                              obj.get("p"), obj.get("m")))
+        return out
+
+    async def _deliver(self, reader: _Reader, records: list[Record]) -> None:
+        """Hand records on as the credit allows; wait for more credit."""
+        session = reader.attach.session
+        while records:
+            if reader.credit is not None:
+                while reader.credit <= 0:
+                    reader.more = anyio.Event()
+                    await reader.more.wait()
+                n = min(reader.credit, len(records))
+                reader.credit -= n
+            else:
+                n = len(records)
+            chunk, records = records[:n], records[n:]
+            self._put(Data(session, tuple(chunk)))
+
+    def _refused(self, reader: _Reader, resp: Any, answering: bool) -> None:
+        """A read refused for good: answer the attach, or end the subscription."""
+        att = reader.attach
+        code, message, retry_after = self._error(resp)
+        self._readers.pop(att.session, None)
+        if code == "session_not_found" and (att.epoch is not None or not answering):
+            self._put(Event(att.session, "deleted"))
+        elif code in ("offset_out_of_range", "offset_too_old") and att.epoch is not None:
+            # HTTP has no epochs: an offset the session no longer has is taken
+            # as a re-created session (the browser client's rule).
+            self._put(Event(att.session, "epoch_changed", att.epoch + 1))
+        else:
+            self._put(_frames.Error(code, message, att.session,
+                                    att.id if answering else None, retry_after))
+
+    async def _read(self, reader: _Reader) -> None:
+        with reader.scope:
+            att = reader.attach
+            if att.create:
+                await self._create(att.session)
+            content_type = await self._content_type(att.session)
+            if content_type is None:
+                # The session is missing (a 404 from the HEAD); say it as GET would.
+                resp = await self._http.get(self._url(att.session), headers=self._headers(),
+                                            params=self._params(reader, att.offset, None))
+                self._check_link(resp)
+                if resp.status_code != 200:
+                    self._refused(reader, resp, True)
+                    return
+                content_type = await self._content_type(att.session) or "application/octet-stream"
+            resp = await self._http.get(self._url(att.session), headers=self._headers(),
+                                        params=self._params(reader, att.offset, None))
+            self._check_link(resp)
+            if resp.status_code != 200:
+                self._refused(reader, resp, True)
+                return
+            records = self._records(resp.json(), content_type)
+            nxt = self._next_of(resp.headers.get("stream-next-offset"))
+            if nxt is None:
+                raise _HttpFailure("no Stream-Next-Offset in a read")
+            up = resp.headers.get("stream-up-to-date") == "true"
+            closed = resp.headers.get("stream-closed") == "true"
+            start = att.offset if att.offset >= 0 else (records[0].offset if records else nxt)
+            self._put(Attached(att.id, att.session, att.epoch or 0, start, nxt, closed and up))
+            await self._deliver(reader, records)
+            if up:
+                self._put(UpToDate(att.session, nxt))
+                if closed:
+                    self._put(Event(att.session, "closed"))
+                    return
+            if self.mode == "sse":
+                await self._read_sse(reader, content_type, nxt)
+            else:
+                await self._read_longpoll(reader, content_type, nxt, up)
+
+    async def _read_longpoll(self, reader: _Reader, content_type: str, nxt: int,
+                             up: bool) -> None:
+        session = reader.attach.session
+        while True:
+            resp = await self._http.get(
+                self._url(session), headers=self._headers(),
+                params=self._params(reader, nxt, "long-poll" if up else None))
+            self._check_link(resp)
+            if resp.status_code not in (200, 204):
+                self._refused(reader, resp, False)
+                return
+            if resp.status_code == 200:
+                await self._deliver(reader, self._records(resp.json(), content_type))
+            got = self._next_of(resp.headers.get("stream-next-offset"))
+            nxt = got if got is not None else nxt
+            up = resp.headers.get("stream-up-to-date") == "true" or resp.status_code == 204
+            if up:
+                self._put(UpToDate(session, nxt))
+                if resp.headers.get("stream-closed") == "true":
+                    self._put(Event(session, "closed"))
+                    return
+
+    async def _read_sse(self, reader: _Reader, content_type: str, nxt: int) -> None:
+        import json
+        session = reader.attach.session
+        while True:
+            # A response that ends cleanly (--sse-max-s, the token's expiry)
+            # is routine: read on from the last offset.
+            async with self._http.stream("GET", self._url(session), headers=self._headers(),
+                                         params=self._params(reader, nxt, "sse")) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    self._check_link(resp)
+                    self._refused(reader, resp, False)
+                    return
+                event, data = "", []
+                async for line in resp.aiter_lines():
+                    if line:
+                        field, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if field == "event":
+                            event = value
+                        elif field == "data":
+                            data.append(value)
+                        continue
+                    text, kind = "\n".join(data), event
+                    event, data = "", []
+                    if kind == "data":
+                        await self._deliver(reader, self._records(json.loads(text), content_type))
+                    elif kind == "control":
+                        control = json.loads(text)
+                        got = self._next_of(control.get("streamNextOffset"))
+                        nxt = got if got is not None else nxt
+                        if control.get("upToDate") or control.get("streamClosed"):
+                            self._put(UpToDate(session, nxt))
+                        if control.get("streamClosed"):
+                            self._put(Event(session, "closed"))
+                            return
+
+    # ------------------------------------------------------------ publishing
+
+    async def _post_loop(self, session: str) -> None:
+        queue = self._posts[session]
+        while queue:
+            answer = await self._post(queue[0])
+            queue.popleft()
+            self._put(answer)
+        del self._posts[session]
+
+    async def _post(self, frame: _frames.Publish) -> _frames.ServerFrame:
+        import json
+        session, n = frame.session, len(frame.records)
+
+        def refused(code: str, message: str, retry_after: float | None = None) -> _frames.Error:
+            return _frames.Error(code, message, session, frame.id, retry_after)
+
+        content_type = await self._content_type(session)
+        if content_type is None:
+            if not frame.create:
+                return refused("session_not_found", f"session {session!r} does not exist")
+            await self._create(session)
+            content_type = await self._content_type(session) or "application/octet-stream"
+        if content_type == "application/json":
+            for p in frame.records:
+                try:
+                    json.loads(p)
+                except ValueError:
+                    return refused("bad_payload", "a record of a JSON session must be one "
+                                   "JSON value in UTF-8")
+            # Wrapped in an array, so that an array value stays one record.
+            body = b"[" + b",".join(frame.records) + b"]"
+        elif not frame.records[0]:
+            return refused("empty_body", "over HTTP a session of type "
+                           f"{content_type} takes no empty record")
+        elif n > 1:
+            return refused("batch_too_large", f"over HTTP a session of type {content_type} "
+                           "takes one record per publish: publish them one at a time")
+        else:
+            body = frame.records[0]
+        headers = {"Content-Type": content_type}
+        if frame.producer is not None:
+            headers.update({"Producer-Id": frame.producer.id,
+                            "Producer-Epoch": str(frame.producer.epoch),
+                            "Producer-Seq": str(frame.producer.seq)})
+        if frame.kind != 0:
+            headers["Broker-Kind"] = "signal" if frame.kind == 1 else str(frame.kind)
+        if frame.meta is not None and any(m is not None for m in frame.meta):
+            try:
+                headers["Broker-Meta"] = json.dumps(list(frame.meta), separators=(",", ":"))
+            except (TypeError, ValueError):
+                return refused("bad_meta", "over HTTP record meta must be JSON values")
+        headers["Content-Length"] = str(len(body))
+        request = self._http.build_request("POST", self._url(session),
+                                           headers=self._headers(headers))
+        request.stream = _body_class()(body)
+        resp = await self._http.send(request)
+        self._check_link(resp)
+        if resp.status_code in (200, 204):
+            nxt = self._next_of(resp.headers.get("stream-next-offset"))
+            if frame.producer is not None and resp.status_code == 204:
+                return Ack(frame.id, session, dup=True)        # a retry of a stored append
+            if nxt is None:
+                raise _HttpFailure("no Stream-Next-Offset after an append")
+            return Ack(frame.id, session, nxt - n, n)
+        code, message, retry_after = self._error(resp)
+        if code == "content_type_mismatch":
+            self._types.pop(session, None)
+        return refused(code, message, retry_after)
+
+
+async def dial_http(base: str, mode: str = "sse", *, ssl_context: ssl.SSLContext | None = None,
+                    timeout: float = 10.0, read_timeout: float = 75.0) -> HttpTransport:
+    """An HTTP transport (``mode`` ``"sse"`` or ``"longpoll"``) on the broker
+    at ``base`` (``http(s)://host:port``).  Nothing is sent until ``hello``.
+    ``read_timeout`` is how long a read may hear nothing (the server sends
+    SSE keep-alives and long-poll answers every 30 s by default)."""
+    import httpx
+    if mode not in ("sse", "longpoll"):
+        raise ValueError(f"mode must be sse or longpoll, not {mode!r}")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _DialError("bad_url", f"not an http:// or https:// URL: {base[:100]!r}", True)
+    http = httpx.AsyncClient(
+        verify=ssl_context if ssl_context is not None else True,
+        timeout=httpx.Timeout(timeout, read=read_timeout),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=20))
+    return HttpTransport(base.rstrip("/"), mode, http, read_timeout)
+
+
+async def _dial_http_for(base: str, mode: str, ssl_context: ssl.SSLContext | None,
+                         timeout: float, read_timeout: float, url: str) -> HttpTransport:
+    return await dial_http(base, mode, ssl_context=ssl_context, timeout=timeout,
+                           read_timeout=read_timeout)
+
+
+async def _http_answers(base: str, ssl_context: ssl.SSLContext | None, timeout: float) -> bool:
+    """Does the broker at ``base`` answer a plain HTTP request (any status)?"""
+    import httpx
+    try:
+        async with httpx.AsyncClient(verify=ssl_context if ssl_context is not None else True,
+                                     timeout=timeout) as http:
+            await http.get(f"{base}/v1/stream/")
+    except (httpx.HTTPError, OSError):
+        return False
+    return True
+
+
 # ================================================================ one connection
 
 Answer = Callable[[_frames.Frame | ClientError], None]
@@ -976,8 +1535,10 @@ class Client:
     owner); ``connects`` counts the connections that got a welcome."""
 
     def __init__(self, url: str, *, token: TokenSource = None, client_id: str | None = None,
-                 dial: Dial, backoff: Backoff, connect_timeout: float, window: int,
-                 max_retry_wait: float, rng: random.Random | None) -> None:
+                 dial: Dial | Sequence[tuple[str, Dial]], backoff: Backoff,
+                 connect_timeout: float, window: int, max_retry_wait: float,
+                 rng: random.Random | None,
+                 http_answers: Callable[[], Awaitable[bool]] | None = None) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.url = url
@@ -992,7 +1553,14 @@ class Client:
         self.connects = 0
         self.producer_id = f"{client_id or 'client'}/{secrets.token_hex(8)}"
         self._token = token
-        self._dial = dial
+        # The transports to try, best first: (name, dialer).  ``_using`` is
+        # the one in use; it only moves down the list (see ``_supervise``).
+        self._dials = [("custom", dial)] if callable(dial) else list(dial)
+        if not self._dials:
+            raise ValueError("no transport to use")
+        self._using = 0
+        self._open_failures = 0          # dials or hellos of it that failed in a row
+        self._http_answers = http_answers
         self._connect_timeout = connect_timeout
         self._rng = rng or random.Random()
         self._state_changed = anyio.Event()
@@ -1002,6 +1570,12 @@ class Client:
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ------------------------------------------------------------ public
+
+    @property
+    def transport(self) -> str:
+        """The transport in use (or being tried): ``"ws"``, ``"sse"``,
+        ``"longpoll"``, or ``"custom"`` for a ``dial`` given to connect."""
+        return self._dials[self._using][0]
 
     def session(self, name: str) -> Session:
         """A handle on session ``name`` (cheap; nothing is sent)."""
@@ -1077,6 +1651,28 @@ class Client:
             if self._closed():
                 return
             error = failure.error
+            if failure.up_for is not None:
+                self._open_failures = 0
+            elif self._using + 1 < len(self._dials) and self._transport_failed(error):
+                # A transport that fails to open twice in a row, while the
+                # broker answers plain HTTP, is given up for the next one (a
+                # proxy that refuses WebSocket upgrades).  If HTTP gets no
+                # answer either, the broker itself is down: keep the
+                # transport, so a restart does not push the client down.
+                self._open_failures += 1
+                if self._open_failures >= 2 and self._http_answers is not None \
+                        and await self._http_answers():
+                    logger.warning("broker client %s: %s failed to open twice (%s); "
+                                   "falling back to %s", self.url, self.transport, error,
+                                   self._dials[self._using + 1][0])
+                    self._using += 1
+                    self._open_failures = 0
+                    attempt = 0
+                    continue
+                if self._open_failures >= 2:
+                    self._open_failures = 0     # the broker's fault, not the transport's
+                elif self._fatal(error):
+                    error = _DialError(error.code, error.message, False)   # try it once more
             if self._fatal(error):
                 self._close(error)
                 return
@@ -1091,6 +1687,13 @@ class Client:
             logger.info("broker client %s: %s; reconnecting in %.3g s", self.url, error, delay)
             attempt += 1
             await anyio.sleep(delay)
+
+    def _transport_failed(self, error: ClientError) -> bool:
+        """Could another transport do better than the one that gave ``error``?
+        Not for a refused token or a bad URL: every transport would get those."""
+        if isinstance(error, _DialError):
+            return error.code not in ("bad_url", "tls_failed")
+        return not self._fatal(error)
 
     def _fatal(self, error: ClientError) -> bool:
         if isinstance(error, _DialError):
@@ -1109,7 +1712,7 @@ class Client:
             logger.exception("broker client: the token provider failed")
             return _Outcome(ClientError("token_unavailable", f"the token provider failed: {exc}"))
         try:
-            transport = await self._dial(self.url)
+            transport = await self._dials[self._using][1](self.url)
         except ClientError as exc:
             return _Outcome(exc)
         except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
@@ -1135,6 +1738,9 @@ class Client:
         self._set_state(State.CONNECTED)
         try:
             async with anyio.create_task_group() as tg:
+                serve = getattr(transport, "serve", None)
+                if serve is not None:
+                    tg.start_soon(serve)         # an HTTP transport's requests
                 tg.start_soon(self._pump, conn)
                 tg.start_soon(self._refresher, conn)
                 await conn.run()
@@ -1314,6 +1920,7 @@ class _Pipeline:
         self.paused_until = -math.inf
         self.failures = 0                     # retriable refusals in a row
         self.merge_records = self.MAX_BATCH_RECORDS   # halved by each batch_too_large
+        self.family: str | None = None        # "ws" or "http": where producer state is kept
         self._room = anyio.Event()
 
     # ------------------------------------------------------------ callers
@@ -1363,6 +1970,18 @@ class _Pipeline:
 
     async def service(self, conn: Connection, now: float) -> float:
         """Send what is due on ``conn``; returns when to look again."""
+        family = getattr(conn.transport, "family", "ws")
+        if family != self.family:
+            if self.family is not None:
+                # Without auth the server keys WebSocket producers by client
+                # id and HTTP ones by nothing, so the other family has never
+                # seen this producer: start a new epoch at seq 0, which both
+                # accept.  A batch in flight at the switch may be stored twice.
+                self.epoch += 1
+                self.next_seq = 0
+                for sent in self.batches:
+                    sent.restamp, sent.conn, sent.request_id = True, None, -1
+            self.family = family
         # Answers arrive during each send and may pause, rewind or fence the
         # pipeline, so every step looks at its state afresh.
         while True:
@@ -1638,8 +2257,8 @@ class Subscription(Generic[T]):
         if isinstance(answer, Attached):
             self._attached = True
             self._failures = 0
-            if self.epoch is None:
-                self.epoch = answer.epoch
+            if self.epoch is None and getattr(conn.transport, "epochs", True):
+                self.epoch = answer.epoch    # HTTP has no epochs: it repeats the one asked
             if self._next is None:
                 self._next = answer.offset
                 if self._cursor < 0:          # START or NOW, now resolved
@@ -1934,15 +2553,20 @@ class MessageStream:
                         tb: TracebackType | None) -> None:
         self._ended = True
         self._scope.cancel()
+        # Over HTTP record meta is lost and a byte session takes no empty
+        # record, so an empty closing part would only fail there.
+        closing = bool(self._buf) or self.session.client.transport not in ("sse", "longpoll")
         if et is not None:
             # Mark the message as cut short, without waiting: we may be cancelled.
             try:
-                await self._part({"end": True, "aborted": True}, False)
+                if closing:
+                    await self._part({"end": True, "aborted": True}, False)
             except ClientError:
                 pass
             return
         async with self._lock:
-            await self._part({"end": True}, True)
+            if closing:
+                await self._part({"end": True}, True)
         error = self._error
         for entry in self._parts:
             try:
@@ -1961,6 +2585,8 @@ async def connect(url: str, *, token: TokenSource = None, client_id: str | None 
                   ssl_context: ssl.SSLContext | None = None, backoff: Backoff | None = None,
                   connect_timeout: float = 10.0, window: int = 1000,
                   max_retry_wait: float = 60.0, dial: Dial | None = None,
+                  transports: Sequence[str] = ("ws", "sse", "longpoll"),
+                  read_timeout: float = 75.0,
                   rng: random.Random | None = None) -> AsyncIterator[Client]:
     """Run a Client for the block: it connects, and reconnects whenever the
     connection drops, until the block ends.
@@ -1972,18 +2598,42 @@ async def connect(url: str, *, token: TokenSource = None, client_id: str | None 
     certificate the system does not trust.  ``window`` is how many records a
     subscription may hold unread.  A refusal whose ``retry_after`` is over
     ``max_retry_wait`` seconds is raised instead of waited out.  ``dial``
-    replaces the WebSocket transport (it takes the URL and returns a
-    Transport).
+    replaces the transports (it takes the URL and returns a Transport).
+
+    ``transports`` are tried in that order: ``"ws"`` (the WebSocket at
+    ``url``), then ``"sse"`` and ``"longpoll"`` over the Durable Streams HTTP
+    API of the same broker (``url`` must end in ``/v1/ws`` for those).  One
+    that fails to open twice in a row while the broker still answers plain
+    HTTP is given up for the next; ``Client.transport`` says which is in
+    use.  ``read_timeout`` is how long an HTTP read may hear nothing.
 
     Entering waits for the first connection; it raises the error if that
     can never succeed (a refused token, a bad URL, a certificate that does
     not verify), and keeps trying through errors that may pass (a server
     that is not up yet), up to ``backoff.give_up_after``."""
-    dialer = dial or (lambda u: dial_websocket(u, ssl_context=ssl_context,
-                                               timeout=connect_timeout))
-    c = Client(url, token=token, client_id=client_id, dial=dialer,
+    base = _http_base(url)
+    if importlib.util.find_spec("httpx") is None:
+        base = None                      # the HTTP transports need httpx
+    dials: list[tuple[str, Dial]] = []
+    if dial is not None:
+        dials.append(("custom", dial))
+    for name in () if dial is not None else transports:
+        if name == "ws":
+            dials.append((name, lambda u: dial_websocket(u, ssl_context=ssl_context,
+                                                         timeout=connect_timeout)))
+        elif name not in ("sse", "longpoll"):
+            raise ValueError(f"unknown transport {name!r}: use ws, sse or longpoll")
+        elif base is not None:
+            dials.append((name, functools.partial(
+                _dial_http_for, base, name, ssl_context, connect_timeout, read_timeout)))
+        elif len(transports) == 1:
+            raise ClientError("bad_url", f"no HTTP transport for {url[:100]!r}: the URL "
+                              "must end in /v1/ws, and httpx must be installed")
+    answers = None if base is None else functools.partial(
+        _http_answers, base, ssl_context, connect_timeout)
+    c = Client(url, token=token, client_id=client_id, dial=dials,
                backoff=backoff or Backoff(), connect_timeout=connect_timeout, window=window,
-               max_retry_wait=max_retry_wait, rng=rng)
+               max_retry_wait=max_retry_wait, rng=rng, http_answers=answers)
     failed: ClientError | None = None
     try:
         async with anyio.create_task_group() as tg:

@@ -77,6 +77,26 @@ async def test_broker_kind_is_stored(http: tuple[Served, httpx.AsyncClient], hea
     assert (await c.get(url("k", offset="-1"))).json() == [{"a": 1}, {"a": 2}]
 
 
+async def test_broker_meta_is_stored(http: tuple[Served, httpx.AsyncClient]) -> None:
+    _, c = http
+    await c.put(url("m"), headers=JSON)
+    r = await c.post(url("m"), content=b'[1,2]', headers={
+        **JSON, "broker-kind": "signal", "broker-meta": '[{"signal":"cancel"},null]'})
+    assert r.status_code == 204, r.text
+    r = await c.get(url("m", offset="-1", view="records"))
+    assert [(rec["k"], rec["m"], rec["d"]) for rec in r.json()] == [
+        (1, {"signal": "cancel"}, 1), (1, None, 2)]
+
+
+@pytest.mark.parametrize("meta", ["{}", "[1]", "[1,2,3]", "not json", "[NaN, 1]"])
+async def test_bad_broker_meta(http: tuple[Served, httpx.AsyncClient], meta: str) -> None:
+    s, c = http
+    await c.put(url("m"), headers=JSON)
+    r = await c.post(url("m"), content=b'[1,2]', headers={**JSON, "broker-meta": meta})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_meta", r.text
+    assert (await s.broker.info("m")).next_offset == 0
+
+
 @pytest.mark.parametrize("header", ["64", "-1", "sig", "", "1.0", "999"])
 async def test_bad_broker_kind(http: tuple[Served, httpx.AsyncClient], header: str) -> None:
     s, c = http
