@@ -403,8 +403,9 @@ class Detached:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Records ``offset``..``offset + count - 1`` are durable; or, with ``dup``,
-    a producer's retry that appended nothing (so no offset)."""
+    """Records ``offset``..``offset + count - 1`` are durable.  With ``dup``, a
+    producer's retry that appended nothing: ``offset`` and ``count`` are then
+    where the original landed, or both absent if the broker no longer knows."""
 
     id: int
     session: str
@@ -418,8 +419,8 @@ class Ack:
         _bool(self, "dup")
         _int(self, "offset", optional=self.dup)
         _int(self, "count", optional=self.dup)
-        if self.dup and self.offset is not None:
-            raise _fail(self, "offset", "absent when 'dup' is true")
+        if self.dup and (self.offset is None) != (self.count is None):
+            raise _fail(self, "offset", "with 'dup', offset and count come together or not at all")
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,6 +143,10 @@ class SessionInfo:
     extra: dict[str, Any]
 
 
+_LANDED_PER_PRODUCER = 64     # recent appends remembered per producer
+_LANDED_PRODUCERS = 1024      # producers remembered per session
+
+
 @dataclass(frozen=True, slots=True)
 class ProduceResult:
     """The answer to an idempotent producer's append.
@@ -244,6 +248,10 @@ class SessionActor:
         self._recv_scope: trio.CancelScope | None = None
         self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
         self._producers: dict[str, tuple[int, int]] = {}  # producer id -> (epoch, last seq)
+        # Where each producer's recent appends landed, (epoch, seq) -> offsets,
+        # so that a retry of one is answered with them.  In memory only: after
+        # a restart, a retry of an earlier append is answered without offsets.
+        self._landed: dict[str, dict[tuple[int, int], range]] = {}
         self._producers_changed = False       # the table moved since the last snapshot
         self._snapshot_at = 0                 # offset the last producer snapshot covers
 
@@ -611,9 +619,9 @@ class SessionActor:
                 reply.set(ProduceResult("invalid_epoch_seq"))
                 return
         elif seq <= state[1]:
-            self._queue(reply, batch, [], ProduceResult("duplicate", epoch=epoch,
-                                                        last_seq=state[1],
-                                                        closed=self.meta.closed))
+            self._queue(reply, batch, [], ProduceResult(
+                "duplicate", epoch=epoch, last_seq=state[1], closed=self.meta.closed,
+                offsets=self._landed.get(key, {}).get((epoch, seq))))
             return
         elif seq != state[1] + 1:
             reply.set(ProduceResult("sequence_gap", expected_seq=state[1] + 1,
@@ -624,6 +632,13 @@ class SessionActor:
             return
         self._producers[key] = (epoch, seq)
         self._producers_changed = True
+        recent = self._landed.setdefault(key, {})
+        recent[(epoch, seq)] = range(self.log.next_offset + len(batch),
+                                     self.log.next_offset + len(batch) + len(payloads))
+        if len(recent) > _LANDED_PER_PRODUCER:
+            del recent[next(iter(recent))]          # the oldest
+        if len(self._landed) > _LANDED_PRODUCERS:
+            del self._landed[next(iter(self._landed))]
         self._queue(reply, batch, payloads,
                     ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close),
                     pub, (producer, epoch, seq))
@@ -688,6 +703,7 @@ class SessionActor:
     def _load_producers(self, meta: SessionMeta, log: SegmentLog) -> None:
         snap = meta.extra.get("producers")
         self._producers = {}
+        self._landed = {}
         if not isinstance(snap, dict):
             return
         self._producers = {k: (int(v[0]), int(v[1])) for k, v in snap["state"].items()}
@@ -781,7 +797,12 @@ class SessionActor:
             if first + count > upto:
                 break
             offsets = range(first, first + count)
-            reply.set(offsets if result is None else result.with_offsets(offsets))
+            if result is None:
+                reply.set(offsets)
+            elif result.status == "duplicate":
+                reply.set(result)           # its offsets are the original's, if known
+            else:
+                reply.set(result.with_offsets(offsets))
             self._pending_records -= count
             done += 1
         del self._pending[:done]
@@ -862,6 +883,7 @@ class SessionActor:
         self.log = None
         self._seq = None
         self._producers = {}
+        self._landed = {}
         self._producers_changed = False
         self.ring.reset(0)
         self.committed = 0

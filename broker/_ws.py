@@ -248,7 +248,10 @@ def _ack_frame(request_id: int, session: str, reply: Reply) -> bytes:
         assert value.offsets is not None
         return _frame(_frames.Ack(request_id, session, value.offsets.start, len(value.offsets)))
     if value.status == "duplicate":
-        return _frame(_frames.Ack(request_id, session, dup=True))
+        if value.offsets is None:        # landed before a restart: offsets not known
+            return _frame(_frames.Ack(request_id, session, dup=True))
+        return _frame(_frames.Ack(request_id, session, value.offsets.start,
+                                  len(value.offsets), dup=True))
     code, message = {
         "stale_epoch": ("stale_producer_epoch", f"the producer is at epoch {value.epoch}"),
         "invalid_epoch_seq": ("invalid_epoch_seq", "a new producer epoch must start at seq 0"),

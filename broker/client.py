@@ -2386,10 +2386,10 @@ class Session:
                       meta: Sequence[Any] | None = None, create: bool = False) -> range | None:
         """Append records, atomically, and wait until they are durable.
 
-        Returns their offsets, or None in one case: the connection dropped
-        after the server stored them and before it said so, and the resend
-        was recognised as a duplicate (the records are there once; the server
-        does not say where).  Calls made while earlier ones are on the wire
+        Returns their offsets.  A resend after a cut that the server
+        recognises as a duplicate is answered with the original's offsets;
+        it returns None only if the broker restarted in between or the
+        resend went over HTTP (the records are there once either way).  Calls made while earlier ones are on the wire
         may share one frame, and then succeed or fail together."""
         entry = self._entry(payloads, kind, meta, create)
         await self.client._pipe(self.name).submit(entry)

@@ -41,7 +41,7 @@ FRAMES = [
     Welcome(1, "agent-1", "c17", 25, 1 << 20), Welcome(1, "a", "c", 0.5, 10),
     Attached(10, "chat", 3, 0, 12, False),
     Detached(11, "chat"),
-    Ack(12, "chat", 40, 2), Ack(13, "chat", dup=True), Ack(14, "chat", count=1, dup=True),
+    Ack(12, "chat", 40, 2), Ack(13, "chat", dup=True), Ack(14, "chat", 40, 2, dup=True),
     Data("chat", (Record(0, 1_700_000_000_000_000, 0, b"x"),)),
     Data("chat", (Record(0, 1, 0, b"x", "pub"), Record(2, 1, 1, b"y", meta=[1]),
                   Record(3, 2, 0, b"z", producer=P),
@@ -263,7 +263,7 @@ def test_bad_frame_without_a_request(m: dict[str, Any], code: str) -> None:
 
 @pytest.mark.parametrize("m", [
     {"t": "ack", "id": 1, "s": "chat", "count": 1},
-    {"t": "ack", "id": 1, "s": "chat", "offset": 0, "count": 1, "dup": True},
+    {"t": "ack", "id": 1, "s": "chat", "offset": 0, "dup": True},
     {"t": "attached", "id": 1, "s": "chat", "epoch": 0, "offset": -1, "next": 0, "closed": False},
     {"t": "data", "s": "chat", "r": []},
     {"t": "data", "s": "chat", "r": [[0, 0, 0, None]]},

@@ -187,7 +187,8 @@ async def test_idempotent_producer_over_websocket(served: Served) -> None:
         first = await c.publish("s", [b"a", b"b"], producer=("p", 0, 0), create=True)
         assert (first.offset, first.count, first.dup) == (0, 2, False)
         again = await c.publish("s", [b"a", b"b"], producer=("p", 0, 0))
-        assert again.dup and again.offset is None
+        # A retry is a duplicate, answered with where the original landed.
+        assert (again.dup, again.offset, again.count) == (True, 0, 2)
         with pytest.raises(client.ClientError) as e:
             await c.publish("s", [b"x"], producer=("p", 0, 5))
         assert e.value.code == "producer_sequence_gap"
@@ -196,6 +197,18 @@ async def test_idempotent_producer_over_websocket(served: Served) -> None:
             await c.publish("s", [b"x"], producer=("p", 0, 1))
         assert e.value.code == "stale_producer_epoch"
     assert (await served.broker.read("s")).payloads() == [b"a", b"b", b"c"]
+
+
+async def test_a_retry_after_a_restart_is_a_duplicate_without_offsets(tmp_path: Path) -> None:
+    # Where appends landed is kept in memory only; the producer state itself
+    # is rebuilt from the log, so the retry is still recognised.
+    for restart in (False, True):
+        async with serve_in_process(tmp_path / "data") as s, \
+                client.open_connection(s.ws_url, client_id="agent") as c:
+            ack = await c.publish("s", [b"a"], producer=("p", 0, 0), create=not restart)
+            assert ack.dup is restart
+            assert (ack.offset, ack.count) == ((None, None) if restart else (0, 1))
+            assert (await s.broker.read("s")).payloads() == [b"a"]
 
 
 async def test_pipelined_publishes_ack_in_order(raw: Any, served: Served) -> None:
