@@ -28,7 +28,6 @@ from __future__ import annotations
 import random
 import struct
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -136,24 +135,7 @@ def mangle_fields(rng: random.Random, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        kind = rng.randrange(5)
-        if kind == 0 and buf:
-            i = rng.randrange(len(buf))
-            buf[i] ^= 1 << rng.randrange(8)
-        elif kind == 1 and buf:
-            del buf[rng.randrange(len(buf)):]
-        elif kind == 2:
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = rng.randbytes(rng.randint(1, 8))
-        elif kind == 3 and buf:
-            i = rng.randrange(len(buf))
-            del buf[i:i + rng.randint(1, 8)]
-        else:
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = buf[rng.randrange(len(buf) + 1):]
-    return bytes(buf)
+    return _fuzzmain.mutate(rng, data, span=8)
 
 
 def hostile(rng: random.Random) -> bytes:
@@ -220,13 +202,7 @@ def one_input(data: bytes) -> None:
 
 def run(seconds: float, seed: int) -> int:
     """Fuzz for about ``seconds``; return the number of cases."""
-    rng = random.Random(seed)
-    deadline = time.monotonic() + seconds
-    cases = 0
-    while time.monotonic() < deadline:
-        one_case(rng)
-        cases += 1
-    return cases
+    return _fuzzmain.repeat(one_case, seconds, seed)
 
 
 def run_atheris(seconds: float, seed: int, extra: list[str]) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,29 +213,15 @@ HOSTILE = [
 ]
 
 
+def _hostile_line(rng: random.Random, buf: bytearray) -> None:
+    """A hostile line, at a line start."""
+    starts = [0] + [i + 2 for i in range(len(buf) - 1) if buf[i:i + 2] == b"\r\n"]
+    i = rng.choice(starts)
+    buf[i:i] = rng.choice(HOSTILE)
+
+
 def mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        kind = rng.randrange(7)
-        if kind == 0 and buf:          # flip a bit
-            i = rng.randrange(len(buf))
-            buf[i] ^= 1 << rng.randrange(8)
-        elif kind == 1 and buf:        # truncate
-            del buf[rng.randrange(len(buf)):]
-        elif kind == 2:                # insert random bytes
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = rng.randbytes(rng.randint(1, 16))
-        elif kind == 3 and buf:        # drop a span
-            i = rng.randrange(len(buf))
-            del buf[i:i + rng.randint(1, 16)]
-        elif kind == 4:                # splice two copies
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = buf[rng.randrange(len(buf) + 1):]
-        else:                          # a hostile line, at a line start
-            starts = [0] + [i + 2 for i in range(len(buf) - 1) if buf[i:i + 2] == b"\r\n"]
-            i = rng.choice(starts)
-            buf[i:i] = rng.choice(HOSTILE)
-    return bytes(buf)
+    return _fuzzmain.mutate(rng, data, extra=_hostile_line, extra_weight=2)
 
 
 def random_cuts(rng: random.Random, n: int) -> list[int]:
@@ -267,13 +252,7 @@ def one_input(data: bytes) -> None:
 
 def run(seconds: float, seed: int) -> int:
     """Fuzz for about ``seconds``; return the number of cases."""
-    rng = random.Random(seed)
-    deadline = time.monotonic() + seconds
-    cases = 0
-    while time.monotonic() < deadline:
-        one_case(rng)
-        cases += 1
-    return cases
+    return _fuzzmain.repeat(one_case, seconds, seed)
 
 
 def run_atheris(seconds: float, seed: int, extra: list[str]) -> None:

@@ -47,7 +47,6 @@ import shutil
 import struct
 import sys
 import tempfile
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -506,14 +505,8 @@ def one_input(data: bytes) -> None:
 
 def run(seconds: float, seed: int) -> int:
     """Fuzz for about ``seconds``; return the number of cases."""
-    rng = random.Random(seed)
-    deadline = time.monotonic() + seconds
-    cases = 0
     with tempfile.TemporaryDirectory(prefix="fuzz_segment-") as root:
-        while time.monotonic() < deadline:
-            one_case(rng, root)
-            cases += 1
-    return cases
+        return _fuzzmain.repeat(lambda rng: one_case(rng, root), seconds, seed)
 
 
 def run_atheris(seconds: float, seed: int, extra: list[str]) -> None:

@@ -15,16 +15,13 @@ time by a minute.  ``test_wsframe.py`` runs this for about two seconds.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import os
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _fuzzmain  # noqa: E402
 from broker._core import FrameParser, WsProtocolError, build_frame  # noqa: E402
 
 Message = tuple[int, bytes]
@@ -126,24 +123,7 @@ def valid_stream(rng: random.Random, client_side: bool) -> bytes:
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        kind = rng.randrange(5)
-        if kind == 0 and buf:          # flip a bit, mostly in the first bytes (headers)
-            i = rng.randrange(min(len(buf), 16) if rng.random() < 0.5 else len(buf))
-            buf[i] ^= 1 << rng.randrange(8)
-        elif kind == 1 and buf:        # truncate
-            del buf[rng.randrange(len(buf)):]
-        elif kind == 2:                # insert random bytes
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = rng.randbytes(rng.randint(1, 16))
-        elif kind == 3 and buf:        # drop a span
-            i = rng.randrange(len(buf))
-            del buf[i:i + rng.randint(1, 16)]
-        else:                          # splice two copies
-            i = rng.randrange(len(buf) + 1)
-            buf[i:i] = buf[rng.randrange(len(buf) + 1):]
-    return bytes(buf)
+    return _fuzzmain.mutate(rng, data, steps=4, head_bias=True)
 
 
 def one_case(rng: random.Random) -> None:
@@ -163,25 +143,11 @@ def one_case(rng: random.Random) -> None:
 
 def run(seconds: float, seed: int) -> int:
     """Fuzz for about ``seconds``; return the number of cases."""
-    rng = random.Random(seed)
-    deadline = time.monotonic() + seconds
-    cases = 0
-    while time.monotonic() < deadline:
-        one_case(rng)
-        cases += 1
-    return cases
+    return _fuzzmain.repeat(one_case, seconds, seed)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
-    args = ap.parse_args()
-    faulthandler.dump_traceback_later(args.seconds + 60, exit=True)
-    print(f"seed {args.seed}", flush=True)
-    cases = run(args.seconds, args.seed)
-    print(f"{cases} cases, no failure")
-    return 0
+    return _fuzzmain.main(__doc__, run)
 
 
 if __name__ == "__main__":
