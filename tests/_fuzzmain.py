@@ -101,8 +101,9 @@ def main(doc: str | None, run: Callable[[float, int], int],
     ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
+    extra: list[str] = []
     if atheris_mode is None:
-        args, extra = ap.parse_args(), []
+        args = ap.parse_args()
     else:
         ap.add_argument("--atheris", action="store_true",
                         help="coverage-guided, with libFuzzer")
