@@ -21,9 +21,12 @@ class RawWs:
         self.pending: list[tuple[int, bytes]] = []
 
     @classmethod
-    async def connect(cls, port: int, hello: bool = True, client: str = "raw") -> RawWs:
+    async def connect(cls, port: int, hello: bool | _frames.Hello = True, client: str = "raw",
+                      path: str = "/v1/ws") -> RawWs:
+        """Upgrade on ``path``; then, unless ``hello`` is False, send a hello
+        (``hello`` itself, or one naming ``client``) and read the welcome."""
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        request, key = client_request(f"127.0.0.1:{port}")
+        request, key = client_request(f"127.0.0.1:{port}", path)
         await stream.send_all(request)
         head = b""
         while b"\r\n\r\n" not in head:
@@ -35,8 +38,8 @@ class RawWs:
         ws = cls(stream)
         if rest:
             ws.pending.extend(ws.parser.feed(rest))
-        if hello:
-            await ws.send(_frames.Hello(client))
+        if hello is not False:
+            await ws.send(hello if isinstance(hello, _frames.Hello) else _frames.Hello(client))
             welcome = await ws.frame()
             assert isinstance(welcome, _frames.Welcome), welcome
         return ws

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import functools
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ import pytest
 import trio
 
 import broker
+from _wsraw import RawWs
 from broker._auth import Authenticator
 from broker._limits import HttpLimits
 from broker._server import HttpServer
@@ -61,3 +62,19 @@ async def serve_in_process(data_dir: Path, ws: WsConfig | None = None, *,
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     async with serve_in_process(tmp_path / "data") as s:
         yield s
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[..., Awaitable[RawWs]]]:
+    """``await raw(port, ...)`` opens a RawWs (``RawWs.connect``'s arguments)
+    that is closed after the test."""
+    opened: list[RawWs] = []
+
+    async def connect(port: int, **kw: Any) -> RawWs:
+        ws = await RawWs.connect(port, **kw)
+        opened.append(ws)
+        return ws
+
+    yield connect
+    for ws in opened:
+        await ws.aclose()

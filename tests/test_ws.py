@@ -17,22 +17,6 @@ from broker import _core, _frames, client
 from broker._handshake import client_request
 from broker._ws import WsConfig
 from conftest import Served, serve_in_process
-from _wsraw import RawWs
-
-
-@pytest.fixture
-async def raw() -> Any:
-    """``await raw(port, ...)`` opens a RawWs that is closed after the test."""
-    opened: list[RawWs] = []
-
-    async def connect(port: int, **kw: Any) -> RawWs:
-        ws = await RawWs.connect(port, **kw)
-        opened.append(ws)
-        return ws
-
-    yield connect
-    for ws in opened:
-        await ws.aclose()
 
 
 async def _http(port: int, request: bytes) -> bytes:

@@ -21,7 +21,6 @@ import trio.testing
 from broker import _core, _frames, client
 from broker._auth import Authenticator, mint
 from broker._config import FsyncPolicy
-from broker._handshake import check_server_response, client_request
 from broker._ws import WsConfig
 from conftest import Served, serve_in_process
 from _wsraw import RawWs
@@ -56,35 +55,13 @@ async def authed(tmp_path: Path) -> AsyncIterator[Served]:
 
 
 @pytest.fixture
-async def raw() -> AsyncIterator[Callable[..., Awaitable[RawWs]]]:
-    """``await raw(port, path=..., hello=Hello(...))``: a RawWs upgraded on
-    ``path``; with ``hello``, its welcome has been read."""
-    opened: list[RawWs] = []
-
+def raw(raw: Callable[..., Awaitable[RawWs]]) -> Callable[..., Awaitable[RawWs]]:
+    """conftest's ``raw``, with no hello unless one is given:
+    ``await raw(port, path=..., hello=Hello(...))``."""
     async def connect(port: int, path: str = "/v1/ws",
                       hello: _frames.Hello | None = None) -> RawWs:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        request, key = client_request(f"127.0.0.1:{port}", path)
-        await stream.send_all(request)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            assert chunk, "closed during the handshake"
-            head += chunk
-        head, _, rest = head.partition(b"\r\n\r\n")
-        check_server_response(head, key)
-        ws = RawWs(stream)
-        ws.pending.extend(ws.parser.feed(rest))
-        opened.append(ws)
-        if hello is not None:
-            await ws.send(hello)
-            welcome = await ws.frame()
-            assert isinstance(welcome, _frames.Welcome), welcome
-        return ws
-
-    yield connect
-    for ws in opened:
-        await ws.aclose()
+        return await raw(port, path=path, hello=hello if hello is not None else False)
+    return connect
 
 
 async def refused(ws: RawWs, code: str) -> None:

@@ -5,7 +5,6 @@ publish.  Each refusal is an error frame; other connections carry on."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,6 @@ from broker._errors import SessionNotFound
 from broker._ws import WsConfig
 from conftest import serve_in_process
 from _wsraw import RawWs
-
-
-@pytest.fixture
-async def raw() -> Any:
-    opened: list[RawWs] = []
-
-    async def connect(port: int, **kw: Any) -> RawWs:
-        ws = await RawWs.connect(port, **kw)
-        opened.append(ws)
-        return ws
-
-    yield connect
-    for ws in opened:
-        await ws.aclose()
 
 
 async def exists(s: Any, name: str) -> bool:
