@@ -55,6 +55,11 @@ __all__ = ["Broker", "Subscription", "open_broker"]
 _EPOCH_BLOCK = 1000
 
 
+def _stamped(publisher: str | None) -> Publish | None:
+    """How plain appends carry a publisher in their headers, if they have one."""
+    return None if publisher is None else Publish(MESSAGE, publisher)
+
+
 class Broker:
     """A broker on one data directory. Make it with ``open_broker``."""
 
@@ -145,7 +150,7 @@ class Broker:
         result: tuple[SessionInfo, bool] = await self._call(name, "create", {
             "content_type": content_type, "ttl_s": ttl_s, "expires_at": expires_at,
             "extra": extra or {}, "closed": closed, "initial": list(initial),
-            "pub": None if publisher is None else Publish(MESSAGE, publisher),
+            "pub": _stamped(publisher),
             "copied": copied})
         return result
 
@@ -163,7 +168,7 @@ class Broker:
         last one accepted on this session.  ``publisher`` goes in each
         record's header, as ``publish`` puts it.
         """
-        pub = None if publisher is None else Publish(MESSAGE, publisher)
+        pub = _stamped(publisher)
         if seq is not None:
             offsets: range = await self._call(name, "append_seq", (list(payloads), seq, pub))
         elif pub is not None:
@@ -232,7 +237,7 @@ class Broker:
         restarts: it is rebuilt from stamps in the log.  ``publisher`` goes in
         each record's header next to the stamp.
         """
-        pub = None if publisher is None else Publish(MESSAGE, publisher)
+        pub = _stamped(publisher)
         result: ProduceResult = await self._call(
             name, "produce", (list(payloads), producer, epoch, seq, close, pub))
         return result

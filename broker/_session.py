@@ -95,20 +95,21 @@ def producer_key(publisher: str | None, producer: str) -> str:
     return producer if publisher is None else json.dumps([publisher, producer])
 
 
-def header_publisher(header: bytes) -> str | None:
+def header_parts(header: bytes) -> tuple[str | None, tuple[str, int, int] | None]:
+    """The publisher and the idempotent-producer stamp in a stored header."""
     fields = msgpack.unpackb(header)
-    if isinstance(fields, list) and fields and isinstance(fields[0], str):
-        return fields[0]
-    return None
+    if not isinstance(fields, list):
+        return None, None
+    publisher = fields[0] if fields and isinstance(fields[0], str) else None
+    if len(fields) > 2 and fields[2] is not None:
+        producer, epoch, seq = fields[2]
+        return publisher, (producer, epoch, seq)
+    return publisher, None
 
 
 def header_stamp(header: bytes) -> tuple[str, int, int] | None:
     """The idempotent-producer stamp in a stored header, if any."""
-    fields = msgpack.unpackb(header)
-    if isinstance(fields, list) and len(fields) > 2 and fields[2] is not None:
-        producer, epoch, seq = fields[2]
-        return producer, epoch, seq
-    return None
+    return header_parts(header)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,10 +712,9 @@ class SessionActor:
         while offset < log.next_offset:
             batch = log.read(offset, log.next_offset, 1 << 16, 1 << 24)
             for _, header in batch.metas():
-                stamp = header_stamp(header)
+                publisher, stamp = header_parts(header)
                 if stamp is not None:
-                    key = producer_key(header_publisher(header), stamp[0])
-                    self._producers[key] = (stamp[1], stamp[2])
+                    self._producers[producer_key(publisher, stamp[0])] = (stamp[1], stamp[2])
             offset = batch.next_offset
 
     def _check_append(self, payloads: Sequence[bytes], closed_ok: bool = False) -> None:
