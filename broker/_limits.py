@@ -33,7 +33,8 @@ class HttpLimits:
 class TokenBucket:
     """``rate`` tokens per second, up to ``burst`` saved.  ``take(n)`` returns
     0.0 if the tokens were there (and takes them), or else how many seconds
-    until they will be (and takes nothing)."""
+    until they will be (and takes nothing).  A rate of 0 is no limit: every
+    ``take`` passes at once."""
 
     def __init__(self, rate: float, burst: float = 0.0,
                  clock: Callable[[], float] = trio.current_time) -> None:

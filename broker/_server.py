@@ -243,8 +243,7 @@ class HttpServer:
     async def _serve_connection(self, stream: trio.abc.Stream, deadline: float) -> None:
         limits = self.limits
         reader = RequestReader(limits.max_body_bytes)
-        bucket = TokenBucket(limits.publish_rate, limits.publish_burst) \
-            if limits.publish_rate > 0 else None
+        bucket = TokenBucket(limits.publish_rate, limits.publish_burst)
         served = False          # a request was answered: idling now is keep-alive
         while True:
             data: bytes | bytearray | None = None
@@ -306,9 +305,9 @@ class HttpServer:
             served = served or bool(requests)
 
     @staticmethod
-    def _rate_wait(req: Request, bucket: TokenBucket | None) -> float:
+    def _rate_wait(req: Request, bucket: TokenBucket) -> float:
         """0 if ``req`` may go ahead, else the seconds until it could."""
-        if bucket is None or req.method != "POST" or not req.target.startswith(STREAM_PREFIX):
+        if req.method != "POST" or not req.target.startswith(STREAM_PREFIX):
             return 0.0
         return bucket.take()
 

@@ -289,8 +289,7 @@ class _Conn:
         # The writer's one timer: the hello timeout, then warn_at or expires_at.
         self.deadline = trio.current_time() + self.cfg.hello_timeout_s
         self.sending: trio.CancelScope | None = None    # the writer's send, cut at _cutoff()
-        self.bucket = (TokenBucket(self.cfg.publish_rate, self.cfg.publish_burst)
-                       if self.cfg.publish_rate > 0 else None)
+        self.bucket = TokenBucket(self.cfg.publish_rate, self.cfg.publish_burst)
         self.awaiting_pong = False
         self.waiting = False                     # the writer is idle, waiting to be woken
         self.ping_ids = itertools.count(1)
@@ -678,8 +677,8 @@ class _Conn:
         refusal is sent.  Asked before the session is looked up."""
         if len(name) > MAX_NAME_BYTES:
             # Never match a capability glob against a name that cannot be
-            # valid: globs are regular expressions, and their cost grows
-            # with the length of the name.
+            # valid: a glob's cost grows with the length of the name, which
+            # here only the message size bounds.
             try:
                 check_name(name)
             except InvalidSessionName as exc:
@@ -808,7 +807,7 @@ class _Conn:
             self.error("batch_too_large", f"at most {self.cfg.max_publish_records} records "
                        f"per publish, not {len(records)}", name, request_id)
             return
-        if self.bucket is not None and self._over_rate(request_id, name, len(records)):
+        if self._over_rate(request_id, name, len(records)):
             return
         try:
             try:
@@ -830,8 +829,8 @@ class _Conn:
             self.error(exc.code, str(exc), name, request_id)
 
     def _over_rate(self, request_id: int, name: str, n: int) -> bool:
-        """Take ``n`` records from the bucket, or refuse the publish."""
-        assert self.bucket is not None
+        """Take ``n`` records from the bucket (always there with no rate), or
+        refuse the publish."""
         wait = self.bucket.take(n)
         if not wait:
             return False
