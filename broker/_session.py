@@ -95,21 +95,24 @@ def producer_key(publisher: str | None, producer: str) -> str:
     return producer if publisher is None else json.dumps([publisher, producer])
 
 
-def header_parts(header: bytes) -> tuple[str | None, tuple[str, int, int] | None]:
-    """The publisher and the idempotent-producer stamp in a stored header."""
-    fields = msgpack.unpackb(header)
+def header_parts(header: bytes) -> tuple[str | None, Any, tuple[str, int, int] | None]:
+    """The publisher, the application meta and the idempotent-producer stamp
+    in a stored header.  Meta is any msgpack value, maps with keys of any
+    type included."""
+    fields = msgpack.unpackb(header, strict_map_key=False)
     if not isinstance(fields, list):
-        return None, None
+        return None, None, None
     publisher = fields[0] if fields and isinstance(fields[0], str) else None
+    meta = fields[1] if len(fields) > 1 else None
     if len(fields) > 2 and fields[2] is not None:
         producer, epoch, seq = fields[2]
-        return publisher, (producer, epoch, seq)
-    return publisher, None
+        return publisher, meta, (producer, epoch, seq)
+    return publisher, meta, None
 
 
 def header_stamp(header: bytes) -> tuple[str, int, int] | None:
     """The idempotent-producer stamp in a stored header, if any."""
-    return header_parts(header)[1]
+    return header_parts(header)[2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,7 +715,7 @@ class SessionActor:
         while offset < log.next_offset:
             batch = log.read(offset, log.next_offset, 1 << 16, 1 << 24)
             for _, header in batch.metas():
-                publisher, stamp = header_parts(header)
+                publisher, _, stamp = header_parts(header)
                 if stamp is not None:
                     self._producers[producer_key(publisher, stamp[0])] = (stamp[1], stamp[2])
             offset = batch.next_offset

@@ -357,6 +357,20 @@ async def test_published_headers_survive_ring_disk_and_restart(tmp_path: Path) -
         assert isinstance(dup, broker.ProduceResult) and dup.status == "duplicate"
 
 
+async def test_a_session_with_meta_keyed_by_numbers_reopens(tmp_path: Path) -> None:
+    # Recovery reads every header after the producer snapshot; a meta map
+    # with non-text keys (any msgpack value is allowed) once stopped it.
+    async with broker.open_broker(tmp_path) as b:
+        await b.create("s")
+        await b.publish("s", [b"a"], publisher="p", producer=("pid", 0, 0))
+        await b.publish("s", [b"x"], publisher="p", metas=[{1: "one"}])
+        await b.publish("s", [b"y"], publisher="p", producer=("pid", 0, 1))
+    async with broker.open_broker(tmp_path) as b:
+        assert (await b.read("s")).payloads() == [b"a", b"x", b"y"]
+        dup = await b.publish("s", [b"y"], publisher="p", producer=("pid", 0, 1))
+        assert isinstance(dup, broker.ProduceResult) and dup.status == "duplicate"
+
+
 async def test_pipelined_publishes_are_acked_in_order(tmp_path: Path) -> None:
     async with broker.open_broker(tmp_path, fsync=FsyncPolicy.parse("always")) as b:
         await b.create("s")
