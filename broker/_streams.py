@@ -91,7 +91,16 @@ from ._errors import (
 from ._http import Headers, Request, Responder, error, response
 from ._meta import media_type
 from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
-from ._session import MAX_KIND, MESSAGE, NOW, SIGNAL, START, ProduceResult, SessionInfo
+from ._session import (
+    MAX_KIND,
+    MESSAGE,
+    NOW,
+    SIGNAL,
+    START,
+    ProduceResult,
+    SessionInfo,
+    header_parts,
+)
 
 STREAM_PREFIX = "/v1/stream/"
 
@@ -305,12 +314,10 @@ def _header_fields(header: bytes | None) -> tuple[str | None, Any]:
     if header is None:
         return None, None
     try:
-        fields = msgpack.unpackb(header, strict_map_key=False)
-        publisher = fields[0] if isinstance(fields, list) and fields else None
-        meta = _jsonable(fields[1]) if isinstance(fields, list) and len(fields) > 1 else None
-    except (ValueError, RecursionError, msgpack.UnpackException):
+        publisher, meta, _ = header_parts(header)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
         return None, None       # not ours to mend: the record is shown without it
-    return (publisher if isinstance(publisher, str) else None), meta
+    return publisher, _jsonable(meta)
 
 
 def _record_objects(batch: _core.Batch, content_type: str, mask: int) -> list[dict[str, Any]]:
