@@ -39,6 +39,10 @@ from ._ws import WsConfig, WsServer
 log = logging.getLogger("broker")
 
 
+# The components' own defaults, so that each is written in one place.
+_BROKER, _WS, _HTTP = BrokerConfig(), WsConfig(), HttpLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -48,22 +52,22 @@ class ServeOptions:
     long_poll_timeout_ms: int = 30_000
     sse_max_s: float = 60.0
     shutdown_grace_s: float = 10.0
-    segment_bytes: int = 64 * 1024 * 1024
+    segment_bytes: int = _BROKER.segment_bytes
     retention_bytes: int = 0
-    ws_heartbeat_s: float = 25.0
-    ws_max_message: int = 1 << 20
-    ws_max_sessions: int = 1_000
-    ws_hello_timeout_s: float = 10.0
-    ws_publish_rate: float = 0.0
-    ws_publish_burst: int = 0
-    max_record_bytes: int = 16 * 1024 * 1024
-    max_batch_records: int = 10_000
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_connections: int = 10_000
-    header_timeout_s: float = 10.0
-    keepalive_timeout_s: float = 75.0
-    http_publish_rate: float = 0.0
-    http_publish_burst: int = 0
+    ws_heartbeat_s: float = _WS.heartbeat_s
+    ws_max_message: int = _WS.max_message
+    ws_max_sessions: int = _WS.max_sessions
+    ws_hello_timeout_s: float = _WS.hello_timeout_s
+    ws_publish_rate: float = _WS.publish_rate
+    ws_publish_burst: int = _WS.publish_burst
+    max_record_bytes: int = _BROKER.max_record_bytes
+    max_batch_records: int = _WS.max_publish_records
+    max_body_bytes: int = _HTTP.max_body_bytes
+    max_connections: int = _HTTP.max_connections
+    header_timeout_s: float = _HTTP.header_timeout_s
+    keepalive_timeout_s: float = _HTTP.keepalive_timeout_s
+    http_publish_rate: float = _HTTP.publish_rate
+    http_publish_burst: int = _HTTP.publish_burst
     auth_secret: str | None = None
     auth_public_key: str | None = None
     insecure_no_auth: bool = False
