@@ -89,7 +89,8 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def _reject_constant(name: str) -> Any:
+def reject_json_constant(name: str) -> Any:
+    """``parse_constant`` for ``json.loads``: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
@@ -99,7 +100,7 @@ def is_json_text(data: bytes) -> bool:
     escapes.  What a JSON session stores must be valid as it is."""
     try:
         text = data.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=reject_json_constant)
         if "\\u" in text:
             json.dumps(value, ensure_ascii=False).encode()   # refuses "\ud800"
     except (ValueError, UnicodeError, RecursionError):   # too deep for Python's parser

@@ -89,7 +89,7 @@ from ._errors import (
     SessionNotFound,
 )
 from ._http import Headers, Request, Responder, error, response
-from ._meta import media_type
+from ._meta import media_type, reject_json_constant
 from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
 from ._session import (
     MAX_KIND,
@@ -154,10 +154,6 @@ def _is_text(content_type: str) -> bool:
     return m.startswith("text/") or m == "application/json"
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 # Parsed JSON costs far more memory than its text: ``[{},{},...]`` holds an
 # object of about 64 bytes for every 3 bytes of body.  An upper bound on the
 # number of values (each needs a comma or an opening bracket or brace, and
@@ -172,7 +168,7 @@ def _json_records(body: bytes, allow_empty: bool, limit: int) -> list[bytes]:
                     f"the body may hold up to {values} JSON values; the limit is "
                     f"{MAX_JSON_VALUES}: split it")
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=reject_json_constant)
     except (ValueError, UnicodeDecodeError):
         raise _Fail(400, "bad_json", "the body is not valid JSON") from None
     except RecursionError:
@@ -238,7 +234,7 @@ def _meta_header(req: Request) -> list[Any] | None:
     if raw is None:
         return None
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=reject_json_constant)
     except (ValueError, RecursionError):
         value = None
     if not isinstance(value, list):
@@ -340,7 +336,7 @@ def _record_objects(batch: _core.Batch, content_type: str, mask: int) -> list[di
 def _payload_fields(payload: bytes, is_json: bool, is_text: bool) -> dict[str, Any]:
     if is_json:
         try:
-            return {"d": json.loads(payload, parse_constant=_reject_constant)}
+            return {"d": json.loads(payload, parse_constant=reject_json_constant)}
         except (ValueError, RecursionError):
             # Every way in checks a JSON session's payloads; should one still
             # not parse, it is shown as bytes rather than dropped.
