@@ -123,9 +123,6 @@ class Principal:
         if not self.allows(session, operation):
             raise Forbidden(operation, session)
 
-    def expired(self, now: float | None = None) -> bool:
-        return self.exp is not None and (time.time() if now is None else now) >= self.exp
-
     def seconds_left(self, now: float | None = None) -> float:
         """Until expiry; infinite for a token (or an open broker) without one."""
         if self.exp is None:
