@@ -87,6 +87,8 @@ import enum
 import functools
 import importlib.util
 import itertools
+import base64
+import json
 import logging
 import math
 import os
@@ -108,6 +110,8 @@ import msgpack
 from . import _core, _frames
 from ._frames import Ack, Attached, Data, Event, Record, UpToDate
 from ._handshake import HandshakeError, check_server_response, client_request
+from ._meta import media_type
+from ._offsets import format_offset, parse_offset_text
 from ._session import NOW, START
 
 __all__ = [
@@ -591,10 +595,6 @@ def _http_base(ws_url: str) -> str | None:
     return f"{scheme}://{parts.netloc}{parts.path[:-len('/v1/ws')]}"
 
 
-def _media(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
-
-
 class _HttpFailure(Exception):
     """A request of an HTTP transport failed: the link is lost."""
 
@@ -842,7 +842,7 @@ class HttpTransport:
             self._check_link(resp)
             if resp.status_code == 404:
                 return None
-            known = _media(resp.headers.get("content-type", "")) \
+            known = media_type(resp.headers.get("content-type", "")) \
                 if resp.status_code == 200 else "application/octet-stream"
             self._types[session] = known
         return known
@@ -859,7 +859,6 @@ class HttpTransport:
     # ------------------------------------------------------------ reading
 
     def _params(self, reader: _Reader, offset: int, live: str | None) -> dict[str, str]:
-        from ._offsets import format_offset
         text = {START: "-1", NOW: "now"}.get(offset) or format_offset(offset)
         params = {"offset": text, "view": "records"}
         if reader.attach.kinds is not None:
@@ -870,13 +869,10 @@ class HttpTransport:
 
     @staticmethod
     def _next_of(text: str | None) -> int | None:
-        from ._offsets import parse_offset_text
         got = parse_offset_text(text or "")
         return got if got is not None and got >= 0 else None
 
     def _records(self, objs: Any, content_type: str) -> list[Record]:
-        import base64
-        import json
         out = []
         for obj in objs:
             d = obj["d"]
@@ -983,7 +979,6 @@ class HttpTransport:
                     return
 
     async def _read_sse(self, reader: _Reader, content_type: str, nxt: int) -> None:
-        import json
         session = reader.attach.session
         while True:
             # A response that ends cleanly (--sse-max-s, the token's expiry)
@@ -1030,7 +1025,6 @@ class HttpTransport:
         del self._posts[session]
 
     async def _post(self, frame: _frames.Publish) -> _frames.ServerFrame:
-        import json
         session, n = frame.session, len(frame.records)
 
         def refused(code: str, message: str, retry_after: float | None = None) -> _frames.Error:
