@@ -30,7 +30,9 @@
 #        publisher as fast as acks allow (WINDOW) for W4_SECONDS: deliveries/s;
 #        then paced at half of that (deliveries/s / subscribers / 2 messages/s), or
 #        at W4_HALF_RATE messages/s if set: latency, on every 10th subscriber.
-# PHASES ("w2 w3 w4") and SERVERS ("broker relay-trio relay-ws") pick a subset.
+# PHASES ("w2 w3 w4") and SERVERS ("broker relay-trio relay-ws") pick a subset;
+# SERVERS may add broker-durable (the broker with --deliver durable: readers see
+# a record only once its fsync is done, as its publisher does).
 # After the runs, the broker is profiled with py-spy under W2 and under W4 (the
 # W4 maximum-rate phase): PROFILE_S seconds of Python frames, then PROFILE_S of
 # native frames; those passes are not in the figures.
@@ -81,6 +83,9 @@ start_server() {
         # run from $dir, so that `python -m` does not put the repo first on sys.path
         broker)     (cd "$dir" && exec python -m broker serve --port 0 --data-dir "$dir/data") \
                         >"$dir/server.log" 2>&1 & ;;
+        # the same broker, showing records to readers only once durable
+        broker-durable) (cd "$dir" && exec python -m broker serve --port 0 --data-dir "$dir/data" \
+                        --deliver durable) >"$dir/server.log" 2>&1 & ;;
         relay-trio) python "$RELAYS/ws_relay_trio.py" >"$dir/server.log" 2>&1 & ;;
         relay-ws)   python "$RELAYS/ws_relay_websockets.py" >"$dir/server.log" 2>&1 & ;;
         *) echo "unknown server $name" >&2; exit 1 ;;

@@ -684,7 +684,7 @@ def w4(url: str, session: str, subs: int, seconds: float, warmup: float, batch: 
 
 # ---------------------------------------------------------------- report
 
-SERVERS = ("broker", "relay-trio", "relay-ws")
+SERVERS = ("broker", "broker-durable", "relay-trio", "relay-ws")
 PEERS = ("relay-trio", "relay-ws")
 
 

@@ -14,21 +14,18 @@ On disk::
 
     data_dir/
       LOCK               held with flock while a broker has the directory open
-      broker.json        the next epoch number
+      broker.json        the epoch ceiling, this run, the runs a machine crash cut short
       sessions/<name>/   one directory per session (names escaped, see _meta.py)
 
-An *epoch* is drawn from a broker-wide counter each time a session is created,
-so a session deleted and created again under the same name never reuses one.
-``broker.json`` holds a ceiling: epochs are handed out below it, and it is
-raised (durably, before any epoch above the old ceiling is used) by a block of
-``_EPOCH_BLOCK`` at a time.  A restart starts from the ceiling, so a crash
-skips at most one block and never repeats an epoch.
+``broker.json`` (see _run.py) hands out epochs, so a session deleted and
+created again under the same name never reuses one, and numbers the broker's
+runs, so that a session whose unsynced records a machine crash may have taken
+back is given a new epoch.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -46,14 +43,12 @@ from ._errors import (
     OffsetTooOld,
     SessionDeleted,
 )
-from ._files import FileCache, write_atomic
+from ._files import FileCache
 from ._meta import check_name, dir_name
+from ._run import BrokerState, current_boot_id
 from ._session import MESSAGE, START, ProduceResult, Publish, Reply, SessionActor, SessionInfo
 
 __all__ = ["Broker", "Subscription", "open_broker"]
-
-_EPOCH_BLOCK = 1000
-
 
 def _stamped(publisher: str | None) -> Publish | None:
     """How plain appends carry a publisher in their headers, if they have one."""
@@ -71,13 +66,8 @@ class Broker:
         self._files = FileCache(config.max_open_files)
         self._actors: dict[str, SessionActor] = {}
         self._closed = False
-        self._state_path = os.path.join(self.data_dir, "broker.json")
-        try:
-            with open(self._state_path, "rb") as f:
-                self._next_epoch = int(json.load(f)["epoch_ceiling"])
-        except FileNotFoundError:
-            self._next_epoch = 1
-        self._epoch_ceiling = self._next_epoch   # epochs below this are reserved
+        self.state = BrokerState(os.path.join(self.data_dir, "broker.json"),
+                                 config.fsync.durable, current_boot_id())
 
     # ------------------------------------------------------------- actors
 
@@ -91,17 +81,6 @@ class Broker:
         """Descriptors held by the broker's file cache."""
         return len(self._files)
 
-    def _new_epoch(self) -> int:
-        epoch = self._next_epoch
-        if epoch >= self._epoch_ceiling:
-            ceiling = epoch + _EPOCH_BLOCK
-            write_atomic(self._state_path,
-                         json.dumps({"format": 1, "epoch_ceiling": ceiling}).encode(),
-                         durable=self.config.fsync.durable)
-            self._epoch_ceiling = ceiling
-        self._next_epoch = epoch + 1
-        return epoch
-
     def _forget(self, actor: SessionActor) -> None:
         if self._actors.get(actor.name) is actor:
             del self._actors[actor.name]
@@ -113,7 +92,7 @@ class Broker:
         if actor is None:
             check_name(name)
             actor = SessionActor(name, os.path.join(self._sessions_dir, dir_name(name)),
-                                 self._files, self.config, self._new_epoch, self._forget)
+                                 self._files, self.config, self.state, self._forget)
             self._actors[name] = actor
             await self._nursery.start(actor.run)
         else:
@@ -248,6 +227,11 @@ class Broker:
         if touch:
             actor.touch()
         return actor.info()
+
+    async def sync(self, name: str) -> None:
+        """Make every append to ``name`` so far durable now, without waiting for
+        the group-commit window, and acknowledge them."""
+        await self._call(name, "sync")
 
     async def close_session(self, name: str) -> SessionInfo:
         """Refuse further appends; readers finish once they reach the end."""
@@ -440,5 +424,6 @@ async def open_broker(data_dir: str | os.PathLike[str], config: BrokerConfig | N
             finally:
                 broker._shutdown()
         broker._files.close_all()
+        broker.state.close()
     finally:
         os.close(lock_fd)

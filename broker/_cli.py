@@ -49,6 +49,7 @@ class ServeOptions:
     port: int = 4437
     data_dir: str = "./broker-data"
     fsync: str = "group"
+    deliver: str = _BROKER.deliver
     long_poll_timeout_ms: int = 30_000
     sse_max_s: float = 60.0
     shutdown_grace_s: float = 10.0
@@ -92,6 +93,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "port": (int, "TCP port; 0 picks a free one (the 'listening on' line shows it)"),
     "data_dir": (str, "where sessions are stored"),
     "fsync": (str, "always | group[:Nms[:N]] | never (default group:2ms:1000)"),
+    "deliver": (str, "when readers see a record: written (once written to the OS; its "
+                     "append is still acked once durable) or durable"),
     "long_poll_timeout_ms": (int, "how long a long-poll (and an idle SSE stream) waits"),
     "sse_max_s": (float, "an SSE response ends after this long, so the client reconnects"),
     "shutdown_grace_s": (float, "how long in-flight requests may finish on shutdown"),
@@ -151,6 +154,8 @@ def resolve_options(flags: dict[str, Any], environ: dict[str, str]) -> ServeOpti
             values[key] = flags[key]
     opts = ServeOptions(**values)
     FsyncPolicy.parse(opts.fsync)          # fail early on a bad policy
+    if opts.deliver not in ("written", "durable"):
+        raise ValueError(f"deliver must be written or durable, not {opts.deliver!r}")
     if bool(opts.tls_cert) != bool(opts.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if not (opts.auth_secret or opts.auth_public_key) and not opts.insecure_no_auth \
@@ -218,7 +223,8 @@ async def serve(opts: ServeOptions,
     """Run until SIGINT or SIGTERM; then drain, sync, and return."""
     config = BrokerConfig(fsync=FsyncPolicy.parse(opts.fsync), segment_bytes=opts.segment_bytes,
                           retention_bytes=opts.retention_bytes or None,
-                          max_record_bytes=opts.max_record_bytes)
+                          max_record_bytes=opts.max_record_bytes,
+                          deliver=opts.deliver)  # type: ignore[arg-type]
     try:
         auth = Authenticator.from_options(opts.auth_secret, opts.auth_public_key)
     except (OSError, ValueError) as exc:

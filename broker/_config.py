@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 FsyncMode = Literal["always", "group", "never"]
+DeliverMode = Literal["written", "durable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +72,17 @@ class BrokerConfig:
     read_chunk_bytes: int = 256 * KIB    # bytes read from disk per catch-up step
     max_batch_records: int = 1024        # records handed to a reader at once
     max_batch_bytes: int = 1 * MIB       # payload bytes handed to a reader at once
+    # When readers see a record: once "written" to the OS (the default; its
+    # append is still acked only once durable), or once "durable".  See _run.py.
+    deliver: DeliverMode = "written"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
                 raise ValueError(f"{f.name} must be positive, not {v}")
+        if self.deliver not in ("written", "durable"):
+            raise ValueError(f"deliver must be written or durable, not {self.deliver!r}")
         if self.segment_bytes >= 1 << 32:
             raise ValueError("segment_bytes must stay below 4 GiB (index positions are u32)")
 

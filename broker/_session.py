@@ -12,7 +12,7 @@ ways:
   that, and the time an fsync takes, is the only backpressure a publisher feels.
 
 * **Reads** do not queue.  The actor *publishes* its state: ``committed`` (the
-  offset below which every record is durable and may be read), the ring of
+  offset below which every record may be read), the ring of
   recent records, and the segment log.  A reader calls ``read`` synchronously,
   which serves from the ring if the offset is still there and from disk if not,
   and never blocks the actor.  A reader at the tail waits on ``changed``, an
@@ -23,9 +23,15 @@ ways:
 The actor's loop takes one command, then every command already waiting, and
 writes all the appends among them with one system call.  Then, per the fsync
 policy, it fsyncs in a worker thread (appends that arrive meanwhile wait in
-the mailbox and form the next group), moves ``committed`` forward, answers the
-appends and wakes the readers.  Records are visible to readers only once
-committed, so no reader ever sees a record that a crash could take back.
+the mailbox and form the next group), moves ``durable`` forward and answers the
+appends.  Readers see a record from the moment it is written (``committed``
+moves with each write, and the readers are woken), unless
+``BrokerConfig.deliver`` is "durable" or the machine's boot id is unknown; then
+``committed`` waits for ``durable``.  A record shown before its fsync survives a
+process crash (the page cache keeps it); a machine crash may take it back, and
+then the session gets a new epoch when it is next opened (_run.py), so no reader
+silently reads different records at offsets it has.  The actor writes the run
+into meta.json, durably, before it first shows an unsynced record in a run.
 
 An actor with no work and no readers for ``idle_timeout_s`` syncs, closes its
 files and exits; the next use of the session starts a new one.
@@ -62,6 +68,7 @@ from ._errors import (
 from ._files import FileCache, fsync_dir, write_atomic
 from ._log import SegmentLog, fsync_all
 from ._meta import META_FILE, SessionMeta, load_meta, media_type
+from ._run import BrokerState
 
 logger = logging.getLogger("broker.session")
 
@@ -73,6 +80,11 @@ NOW = -2     # the current end: only records appended from now on
 MESSAGE = 0
 SIGNAL = 1
 MAX_KIND = 63
+# Flag bit 7 (one of the reserved bits 4-7): the first record of an idempotent
+# producer's append.  Its last record carries the stamp, so recovery knows
+# where the whole append landed.  Readers never see it: they are shown the
+# kind bits only.
+APPEND_START = 1 << 7
 
 
 def record_header(publisher: str | None, meta: Any = None,
@@ -149,6 +161,12 @@ class SessionInfo:
 
 _LANDED_PER_PRODUCER = 64     # recent appends remembered per producer
 _LANDED_PRODUCERS = 1024      # producers remembered per session
+# On open, the records before the producer snapshot that are read back for
+# where appends landed (SessionActor._tail): at most this many, with at most
+# this much payload, in chunks of up to this many records.
+_LANDED_TAIL_RECORDS = 4096
+_LANDED_TAIL_BYTES = 4 << 20
+_LANDED_TAIL_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,12 +228,16 @@ class Reply:
 
 class SessionActor:
     def __init__(self, name: str, directory: str, files: FileCache, config: BrokerConfig,
-                 new_epoch: Callable[[], int], on_exit: Callable[[SessionActor], None]) -> None:
+                 state: BrokerState, on_exit: Callable[[SessionActor], None]) -> None:
         self.name = name
         self.directory = directory
         self._files = files
         self._cfg = config
-        self._new_epoch = new_epoch
+        self._state = state
+        self._new_epoch = state.new_epoch
+        # Whether records are shown once written, before their fsync (_run.py).
+        self._early = (config.deliver == "written" and config.fsync.durable
+                       and state.deliver_written)
         self._on_exit = on_exit
         self._send, self._inbox = trio.open_memory_channel[tuple[str, Any, Reply]](
             config.mailbox_size)
@@ -225,7 +247,8 @@ class SessionActor:
         self.meta: SessionMeta | None = None  # None: the session does not exist
         self.log: SegmentLog | None = None
         self.ring = _core.Ring(config.ring_bytes)
-        self.committed = 0                    # records below this are durable and readable
+        self.committed = 0                    # records below this are readable
+        self.durable = 0                      # records below this are durable (and acked)
         self.changed = trio.Event()           # set when committed, closed or existence changes
         self.readers = 0                      # open subscriptions; keeps the actor alive
         # Called (on the actor's task; they must not block) whenever ``changed``
@@ -250,11 +273,12 @@ class SessionActor:
         self._sync_outcome: bool | OSError | None = None
         self._sync_done = trio.Event()
         self._recv_scope: trio.CancelScope | None = None
+        self._broken = False                  # the disk failed under a command: stop
         self._seq: str | None = None          # newest Stream-Seq accepted, maybe not stored yet
         self._producers: dict[str, tuple[int, int]] = {}  # producer id -> (epoch, last seq)
         # Where each producer's recent appends landed, (epoch, seq) -> offsets,
-        # so that a retry of one is answered with them.  In memory only: after
-        # a restart, a retry of an earlier append is answered without offsets.
+        # so that a retry of one is answered with them.  Rebuilt on open from
+        # the stamps in the log's tail (_load_producers).
         self._landed: dict[str, dict[tuple[int, int], range]] = {}
         self._producers_changed = False       # the table moved since the last snapshot
         self._snapshot_at = 0                 # offset the last producer snapshot covers
@@ -348,15 +372,30 @@ class SessionActor:
         if meta is not None:
             log = await trio.to_thread.run_sync(SegmentLog.open, self.directory, self._files,
                                                 self._cfg)
+            if self._state.lost(meta.extra.get("run")) or self.name in self._state.suspect:
+                meta = await self._new_incarnation(meta)
             # Reading stamps uses the FileCache, so it runs on the Trio thread.
             self._load_producers(meta, log)
             self._attach(meta, log)
         self.ready.set()
 
+    async def _new_incarnation(self, meta: SessionMeta) -> SessionMeta:
+        """A new epoch for a session whose readers may have seen records that
+        are no longer on disk: told to reset, they cannot mistake the records
+        now at those offsets for the ones they saw."""
+        extra = {k: v for k, v in meta.extra.items() if k != "run"}
+        fresh = meta.with_(epoch=self._new_epoch(), extra=extra)
+        await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
+                                      fresh.to_json(), self._cfg.fsync.durable)
+        self._state.suspect.discard(self.name)
+        logger.warning("session %r: records shown before a machine crash or failed fsync may "
+                       "be lost; new epoch %d (was %d)", self.name, fresh.epoch, meta.epoch)
+        return fresh
+
     def _attach(self, meta: SessionMeta, log: SegmentLog) -> None:
         self.log = log
         self.meta = meta
-        self.committed = self.log.next_offset
+        self.committed = self.durable = self.log.next_offset
         self.ring.reset(self.committed)
 
     def _exit(self) -> None:
@@ -425,6 +464,8 @@ class SessionActor:
             batch: list[bytes] = []
             while cmd is not None:
                 await self._handle(cmd, batch)
+                if self._broken:
+                    return      # a new actor recovers the log; _exit fails what waits
                 try:
                     cmd = self._inbox.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
@@ -455,7 +496,7 @@ class SessionActor:
         if not log.needs_sync():
             self._publish(log.next_offset)    # e.g. a duplicate: nothing new to sync
             return
-        unsynced = log.next_offset - self.committed
+        unsynced = log.next_offset - self.durable
         if trio.current_time() < self._group_deadline and unsynced < fsync.max_records:
             return
         self._start_sync()
@@ -493,6 +534,9 @@ class SessionActor:
         self.log.end_sync(paths, outcome is True, directory)
         if outcome is not True:
             logger.error("session %r: fsync failed: %s", self.name, outcome)
+            self._broken = True
+            if self.committed > self.durable:
+                self._state.suspect.add(self.name)
             self._fail_pending(StorageError(f"fsync failed: {outcome}"))
             return False
         return True
@@ -601,10 +645,12 @@ class SessionActor:
         """Validate (producer, epoch, seq) and queue the append if it is new.
 
         The answer is a ProduceResult.  An accepted append's last record carries
-        the stamp (producer, epoch, seq) as record meta, so the producer table
-        is rebuilt from the log after a crash; a snapshot in meta.json bounds
-        how much of the log that reads.  A duplicate is answered only once what
-        it duplicates is durable.
+        the stamp (producer, epoch, seq) in its header and its first record
+        the APPEND_START flag, so the producer table, and where recent appends
+        landed, are rebuilt from the log after a crash; a snapshot in
+        meta.json bounds how much of the log that reads.  A duplicate is
+        answered only once what it duplicates is durable, with the offsets
+        where it landed if they are still known.
         """
         if self.meta is None or self.log is None:
             raise SessionNotFound(self.name)
@@ -636,16 +682,23 @@ class SessionActor:
             return
         self._producers[key] = (epoch, seq)
         self._producers_changed = True
-        recent = self._landed.setdefault(key, {})
-        recent[(epoch, seq)] = range(self.log.next_offset + len(batch),
-                                     self.log.next_offset + len(batch) + len(payloads))
-        if len(recent) > _LANDED_PER_PRODUCER:
-            del recent[next(iter(recent))]          # the oldest
-        if len(self._landed) > _LANDED_PRODUCERS:
-            del self._landed[next(iter(self._landed))]
+        first = self.log.next_offset + len(batch)
+        self._note_landed(key, epoch, seq, range(first, first + len(payloads)))
         self._queue(reply, batch, payloads,
                     ProduceResult("accepted", epoch=epoch, last_seq=seq, closed=close),
                     pub, (producer, epoch, seq))
+
+    def _note_landed(self, key: str, epoch: int, seq: int, offsets: range) -> None:
+        """Remember where a producer's append landed: its last
+        _LANDED_PER_PRODUCER appends, for the _LANDED_PRODUCERS producers that
+        appended last."""
+        recent = self._landed.pop(key, None) or {}
+        self._landed[key] = recent                  # now the newest producer
+        recent[(epoch, seq)] = offsets
+        if len(recent) > _LANDED_PER_PRODUCER:
+            del recent[next(iter(recent))]          # its oldest append
+        if len(self._landed) > _LANDED_PRODUCERS:
+            del self._landed[next(iter(self._landed))]
 
     def _queue(self, reply: Reply, batch: list[bytes], payloads: Sequence[bytes],
                result: ProduceResult | None, pub: Publish | None = None,
@@ -653,8 +706,9 @@ class SessionActor:
         """Add ``payloads`` to the batch being built; ``reply`` is answered once
         they are committed (with their offsets, or ``result`` carrying them).
 
-        ``pub`` gives the records' kind and header; ``stamp`` marks the last
-        record as the end of an idempotent producer's append."""
+        ``pub`` gives the records' kind and header; ``stamp`` (producer,
+        epoch, seq) marks the last record as the end of an idempotent
+        producer's append."""
         assert self.log is not None
         base, n = len(batch), len(payloads)
         self._pending.append((reply, self.log.next_offset + base, n, result))
@@ -667,6 +721,10 @@ class SessionActor:
             flags = pub.kind << _core.KIND_SHIFT
             for i in range(base, base + n):
                 self._flags[i] = flags
+        if stamp is not None:
+            # With the stamp on the last record, recovery knows where the
+            # whole append landed (see _recover).
+            self._flags[base] = self._flags.get(base, 0) | APPEND_START
         metas = pub.metas
         shared = record_header(pub.publisher) if metas is None else None
         for i in range(n - 1):
@@ -686,7 +744,8 @@ class SessionActor:
     def _meta_updates_due(self) -> bool:
         assert self.meta is not None
         return ((self._seq is not None and self.meta.extra.get("stream_seq") != self._seq)
-                or (self._producers_changed and "producers" not in self.meta.extra))
+                or (self._producers_changed and "producers" not in self.meta.extra)
+                or (self._early and self.meta.extra.get("run") != self._state.run))
 
     def _meta_updates(self, next_offset: int) -> dict[str, Any]:
         """What meta.json must learn before this commit's acks go out."""
@@ -696,6 +755,8 @@ class SessionActor:
             return updates
         if self._seq is not None and self.meta.extra.get("stream_seq") != self._seq:
             updates["stream_seq"] = self._seq
+        if self._early and self.meta.extra.get("run") != self._state.run:
+            updates["run"] = self._state.run
         # The first producer on a session needs a snapshot before its ack, so
         # recovery knows to look for stamps; after that, the stamps in the log
         # carry the state and a snapshot is only a shortcut, refreshed now and then.
@@ -705,6 +766,16 @@ class SessionActor:
         return updates
 
     def _load_producers(self, meta: SessionMeta, log: SegmentLog) -> None:
+        """The producer table and where recent appends landed, from meta.json's
+        snapshot and the log.
+
+        The table is the snapshot plus every stamp after its ``at``.  The
+        landings come from those records too and, because the snapshot may
+        be newer than a producer's last appends (it is taken when the first
+        producer appears and on close), from the last records before ``at``
+        (_tail).  What a publisher retries after a cut or a restart is what
+        was unacknowledged then, so it sits at the tail of the log; a retry
+        of anything older is still a duplicate, answered without offsets."""
         snap = meta.extra.get("producers")
         self._producers = {}
         self._landed = {}
@@ -712,13 +783,72 @@ class SessionActor:
             return
         self._producers = {k: (int(v[0]), int(v[1])) for k, v in snap["state"].items()}
         self._snapshot_at = offset = max(int(snap["at"]), log.start_offset)
+        start: int | None = None
+        for batch in self._tail(log, min(offset, log.next_offset)):
+            start = self._recover(batch, start, False)
         while offset < log.next_offset:
             batch = log.read(offset, log.next_offset, 1 << 16, 1 << 24)
-            for _, header in batch.metas():
-                publisher, _, stamp = header_parts(header)
-                if stamp is not None:
-                    self._producers[producer_key(publisher, stamp[0])] = (stamp[1], stamp[2])
+            start = self._recover(batch, start, True)
             offset = batch.next_offset
+
+    def _recover(self, batch: _core.Batch, start: int | None, after_snapshot: bool) -> int | None:
+        """Learn from the records of ``batch``, read in log order: a stamp
+        after the snapshot moves the producer table, and an append whose
+        first record (APPEND_START) and stamp are both seen landed between
+        them.  ``start`` is the first record of the producer append under way
+        where the batch begins (None: not seen); returns the one where it ends."""
+        flags, meta = batch.flags, batch.meta
+        for i in range(len(batch)):
+            if flags(i) & APPEND_START:
+                start = batch.offset(i)
+            header = meta(i)
+            if header is None:
+                continue
+            publisher, _, stamp = header_parts(header)
+            if stamp is None:
+                continue
+            key = producer_key(publisher, stamp[0])
+            if after_snapshot:
+                self._producers[key] = (stamp[1], stamp[2])
+            if start is not None:
+                self._note_landed(key, stamp[1], stamp[2], range(start, batch.offset(i) + 1))
+            start = None
+        return start
+
+    @staticmethod
+    def _tail(log: SegmentLog, upto: int) -> list[_core.Batch]:
+        """The last records below ``upto``, in log order.
+
+        At most _LANDED_TAIL_RECORDS records and _LANDED_TAIL_BYTES of
+        payload: this runs on the Trio thread whenever a session is opened,
+        so it must stay small, and it need only cover the appends a publisher
+        may still retry (the Python client keeps at most 64 publishes in
+        flight per session, the browser client one; a chat's records are a
+        few KiB at most).  The log reads forward only, so it is read newest
+        first in chunks that double from one record up to
+        _LANDED_TAIL_CHUNK, each forward; a chunk that the byte budget cuts
+        short is dropped, since what it lacks is its newest records."""
+        chunks: list[list[_core.Batch]] = []
+        stop, records, nbytes, size = upto, 0, 0, 1
+        while (stop > log.start_offset and records < _LANDED_TAIL_RECORDS
+               and nbytes < _LANDED_TAIL_BYTES):
+            first = max(log.start_offset, stop - min(size, _LANDED_TAIL_RECORDS - records))
+            chunk: list[_core.Batch] = []
+            at = first
+            while at < stop and nbytes < _LANDED_TAIL_BYTES:
+                batch = log.read(at, stop, stop - at, _LANDED_TAIL_BYTES - nbytes)
+                if not batch:
+                    break
+                chunk.append(batch)
+                nbytes += batch.nbytes
+                at = batch.next_offset
+            if at < stop:
+                break
+            chunks.append(chunk)
+            records += stop - first
+            stop = first
+            size = min(2 * size, _LANDED_TAIL_CHUNK)
+        return [batch for chunk in reversed(chunks) for batch in chunk]
 
     def _check_append(self, payloads: Sequence[bytes], closed_ok: bool = False) -> None:
         if self.meta is None:
@@ -754,6 +884,10 @@ class SessionActor:
         batch.clear()
         self._metas = {}
         self._flags = {}
+        assert self.meta is not None
+        if self._early and self.meta.extra.get("run") == self._state.run:
+            self.committed = self.log.next_offset
+            self._wake()
 
     def _fail_pending(self, error: BaseException) -> None:
         """Fail every append that was written but not acknowledged."""
@@ -786,12 +920,14 @@ class SessionActor:
                 logger.error("session %r: storing session metadata failed: %s",
                              self.name, exc)
                 self._fail_pending(StorageError(f"storing session metadata failed: {exc}"))
+                self._broken = True
                 return False
         self._publish(log.next_offset)
         return True
 
     def _publish(self, upto: int) -> None:
         """Records below ``upto`` are durable: make them visible, ack their appends."""
+        self.durable = max(self.durable, upto)
         if upto > self.committed:
             self.committed = upto
             self._wake()
@@ -889,7 +1025,7 @@ class SessionActor:
         self._landed = {}
         self._producers_changed = False
         self.ring.reset(0)
-        self.committed = 0
+        self.committed = self.durable = 0
         self._wake()
         log.close()
         await trio.to_thread.run_sync(log.remove)

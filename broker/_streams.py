@@ -40,7 +40,19 @@ Durable Streams protocol has no words for, and change nothing when unused:
 * ``view=records`` on a GET answers JSON record objects (offset, kind,
   publisher, time, meta and payload) instead of bare payloads, and
   ``kinds=`` keeps only some kinds.  The cursor still moves past the records
-  left out, so offsets, headers and control events are those of a plain read.
+  left out, so offsets, headers and control events are those of a plain read;
+* a POST body of type ``application/vnd.broker.records+msgpack`` (a msgpack
+  array of byte strings) appends several binary records atomically, as a
+  WebSocket publish does;
+* ``Broker-Epoch`` on every answer about a stream's records (HEAD, GET, SSE,
+  POST, PUT) names the session's incarnation, so an HTTP client sees a
+  re-created session instead of reading its offsets as the old one's;
+* ``Broker-Client`` names the client when auth is off (with auth on the
+  token's ``sub`` does): it becomes the records' publisher, so an idempotent
+  producer is keyed alike over HTTP and over the WebSocket;
+* a producer's duplicate (204) carries ``Stream-Next-Offset`` and
+  ``Broker-First-Offset`` where the original landed, while the session
+  still knows (its producers' last 64 appends, restarts included).
 """
 
 from __future__ import annotations
@@ -88,6 +100,7 @@ from ._errors import (
     SessionExists,
     SessionNotFound,
 )
+from ._frames import MAX_CLIENT_ID
 from ._http import Headers, Request, Responder, error, response
 from ._meta import media_type, reject_json_constant
 from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
@@ -206,6 +219,12 @@ def _stream_name(header: str) -> str:
     return urllib.parse.unquote(path)
 
 
+def _epoch(epoch: int) -> tuple[str, str]:
+    """Broker-Epoch: the session incarnation a response speaks of, so an HTTP
+    client tells a re-created session from the one its offsets belong to."""
+    return ("Broker-Epoch", str(epoch))
+
+
 def _expires_header(info: SessionInfo) -> str | None:
     raw = info.extra.get("expires_at_raw")
     return raw if isinstance(raw, str) else None
@@ -252,6 +271,79 @@ def _kind_header(req: Request) -> int:
         raise _Fail(400, "bad_kind", f"Broker-Kind must be message, signal or a number "
                     f"0..{MAX_KIND}, not {raw[:40]!r}")
     return kind
+
+
+# A POST body of several binary records: one msgpack array of byte strings.
+RECORDS_TYPE = "application/vnd.broker.records+msgpack"
+
+# msgpack's array and bin/str headers with a length field: first byte -> its size.
+_MP_ARRAY_LENGTHS = {0xdc: 2, 0xdd: 4}
+_MP_BYTES_LENGTHS = {0xc4: 1, 0xc5: 2, 0xc6: 4, 0xd9: 1, 0xda: 2, 0xdb: 4}
+
+
+def _mp_length(body: bytes, pos: int, array: bool) -> tuple[int, int] | None:
+    """The length in the msgpack array header (or bin/str header) at ``pos``
+    and where what it counts starts; None if there is no such header."""
+    if pos >= len(body):
+        return None
+    first = body[pos]
+    if array and 0x90 <= first <= 0x9f:
+        return first & 0x0f, pos + 1
+    if not array and 0xa0 <= first <= 0xbf:
+        return first & 0x1f, pos + 1
+    size = (_MP_ARRAY_LENGTHS if array else _MP_BYTES_LENGTHS).get(first)
+    if size is None or pos + 1 + size > len(body):
+        return None
+    return int.from_bytes(body[pos + 1:pos + 1 + size], "big"), pos + 1 + size
+
+
+def _msgpack_records(body: bytes, limit: int) -> list[bytes]:
+    """The records of a RECORDS_TYPE body: a msgpack array whose items are
+    bin (or str) values, each one record's payload, empty ones included.
+
+    Parsed by hand rather than by msgpack.unpackb: the array's framing is
+    all there is to read, and a general unpacker would first build whatever
+    nested values a bad body holds (the memory cost MAX_JSON_VALUES bounds
+    for JSON)."""
+    head = _mp_length(body, 0, True)
+    if head is None:
+        raise _Fail(400, "bad_records", f"a {RECORDS_TYPE} body is one msgpack array of "
+                    "byte strings")
+    count, pos = head
+    if count == 0:
+        raise _Fail(400, "empty_array", "an empty array appends nothing")
+    if count > limit:
+        raise _Fail(413, "batch_too_large",
+                    f"{count} records in one request; the limit is {limit}")
+    records = []
+    for i in range(count):
+        item = _mp_length(body, pos, False)
+        if item is None:
+            raise _Fail(400, "bad_records", f"item {i} of the array is not a msgpack bin or str")
+        size, pos = item
+        if pos + size > len(body):
+            raise _Fail(400, "bad_records", "the body ends inside the array")
+        records.append(body[pos:pos + size])
+        pos += size
+    if pos != len(body):
+        raise _Fail(400, "bad_records", "bytes after the msgpack array")
+    return records
+
+
+def _client_header(req: Request) -> str | None:
+    """The client id a request names in ``Broker-Client`` (percent-encoded
+    UTF-8), or None."""
+    raw = req.header(b"broker-client")
+    if raw is None:
+        return None
+    try:
+        client = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        client = ""
+    if not 1 <= len(client) <= MAX_CLIENT_ID:
+        raise _Fail(400, "bad_client", f"Broker-Client must be a client id of 1 to "
+                    f"{MAX_CLIENT_ID} characters, percent-encoded UTF-8")
+    return client
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +541,15 @@ class StreamsApi:
             await _answer(out, error(500 if exc.code in ("internal", "storage_error") else 409,
                                  exc.code, str(exc)))
 
+    def _publisher(self, req: Request, who: Principal) -> str | None:
+        """Who the records a request appends are stamped with: the token's
+        ``sub`` with auth on; with it off, the client the request names in
+        ``Broker-Client``, as a WebSocket hello names its client, so an
+        idempotent producer is the same one on both transports."""
+        if self.auth.enabled:
+            return who.sub
+        return _client_header(req)
+
     # ------------------------------------------------------------ PUT
 
     async def _put(self, name: str, req: Request, who: Principal, out: Responder) -> None:
@@ -489,6 +590,7 @@ class StreamsApi:
             extra["expires_at_raw"] = exp_h
         closed = (req.header(b"stream-closed") or "").lower() == "true"
         body = bytes(req.body)
+        publisher = self._publisher(req, who)
         try:
             existing: SessionInfo | None = await self.broker.info(name)
         except SessionNotFound:
@@ -498,16 +600,17 @@ class StreamsApi:
         if source is not None:
             info, created = await self._fork(
                 name, _stream_name(source), raw_ct if _CT_RE.match(raw_ct.strip()) else None,
-                ttl, expires, extra, closed, body, fork_offset, sub, existing, who.sub)
+                ttl, expires, extra, closed, body, fork_offset, sub, existing, publisher)
         else:
             initial = (_json_records(body, True, self.max_batch_records)
                        if body and _is_json(ct) else [body] if body else [])
             info, created = await self.broker.create(name, content_type=ct, ttl_s=ttl,
                                                      expires_at=expires, extra=extra,
                                                      closed=closed, initial=initial,
-                                                     publisher=who.sub)
+                                                     publisher=publisher)
         headers: Headers = [("content-type", info.content_type),
-                            ("Stream-Next-Offset", format_offset(info.next_offset))]
+                            ("Stream-Next-Offset", format_offset(info.next_offset)),
+                            _epoch(info.epoch)]
         if created:
             host = req.header(b"host") or "localhost"
             headers.append(("location", f"http://{host}{STREAM_PREFIX}{urllib.parse.quote(name)}"))
@@ -649,7 +752,7 @@ class StreamsApi:
         nxt = format_offset(info.next_offset)
         headers: Headers = [("content-type", info.content_type), ("Stream-Next-Offset", nxt),
                             ("cache-control", "no-store"),
-                            ("etag", _etag(name, "-1", nxt, info.closed))]
+                            ("etag", _etag(name, "-1", nxt, info.closed)), _epoch(info.epoch)]
         if info.closed:
             headers.append(("Stream-Closed", "true"))
         if info.ttl_s is not None:
@@ -668,6 +771,7 @@ class StreamsApi:
         body = bytes(req.body)
         kind = _kind_header(req)
         metas = _meta_header(req)
+        publisher = self._publisher(req, who)
         headed = kind != MESSAGE or metas is not None      # needs the session's publish path
         if headed and body and (seq is not None or (producer and close)):
             # The session core stamps a kind or meta only on plain and producer appends.
@@ -679,8 +783,8 @@ class StreamsApi:
         if not body and close and producer is not None:
             result = await self.broker.produce(name, [], producer=producer[0],
                                                epoch=producer[1], seq=producer[2], close=True,
-                                               publisher=who.sub)
-            await self._produced(name, result, producer, out)
+                                               publisher=publisher)
+            await self._produced(name, info, result, producer, out)
             return
         if not body:
             if not close:
@@ -688,66 +792,93 @@ class StreamsApi:
             info = await self.broker.close_session(name)
             await out.send(response(204, b"", headers=[
                 ("Stream-Next-Offset", format_offset(info.next_offset)),
-                ("Stream-Closed", "true")]))
+                ("Stream-Closed", "true"), _epoch(info.epoch)]))
             return
-        ct = req.header(b"content-type")
-        if not ct:
-            raise _Fail(400, "content_type_required", "an append needs a Content-Type")
-        if media_type(ct) != media_type(info.content_type):
-            raise _Fail(409, "content_type_mismatch",
-                        f"the stream holds {info.content_type}, not {ct}")
-        records = _json_records(body, False, self.max_batch_records) if _is_json(ct) else [body]
+        records = self._records(req, body, info)
         if metas is not None and len(metas) != len(records):
             raise _Fail(400, "bad_meta", f"Broker-Meta has {len(metas)} values for "
                         f"{len(records)} records")
         if producer is not None and headed:
-            produced = await self.broker.publish(name, records, kind=kind, publisher=who.sub,
+            produced = await self.broker.publish(name, records, kind=kind, publisher=publisher,
                                                  metas=metas, producer=producer)
             assert isinstance(produced, ProduceResult)
-            await self._produced(name, produced, producer, out)
+            await self._produced(name, info, produced, producer, out)
             return
         if producer is not None:
             result = await self.broker.produce(name, records, producer=producer[0],
                                                epoch=producer[1], seq=producer[2], close=close,
-                                               publisher=who.sub)
-            await self._produced(name, result, producer, out)
+                                               publisher=publisher)
+            await self._produced(name, info, result, producer, out)
             return
         try:
             if headed:
                 published = await self.broker.publish(name, records, kind=kind,
-                                                      publisher=who.sub, metas=metas)
+                                                      publisher=publisher, metas=metas)
                 assert isinstance(published, range)
                 offsets = published
             else:
                 offsets = await self.broker.append_many(name, records, seq=seq,
-                                                        publisher=who.sub)
+                                                        publisher=publisher)
         except SessionClosed:
             raise await self._closed(name) from None
-        headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop))]
+        headers: Headers = [("Stream-Next-Offset", format_offset(offsets.stop)),
+                            _epoch(info.epoch)]
         if close:
             await self.broker.close_session(name)
             headers.append(("Stream-Closed", "true"))
         await out.send(response(204, b"", headers=headers))
 
-    async def _produced(self, name: str, r: ProduceResult, producer: tuple[str, int, int],
-                        out: Responder) -> None:
-        """The HTTP answer to an idempotent producer's append."""
+    def _records(self, req: Request, body: bytes, info: SessionInfo) -> list[bytes]:
+        """The records a POST body holds: one, the items of a JSON array for a
+        JSON stream, or the items of a RECORDS_TYPE body (a broker extension:
+        several binary records in one atomic append)."""
+        ct = req.header(b"content-type")
+        if not ct:
+            raise _Fail(400, "content_type_required", "an append needs a Content-Type")
+        if media_type(ct) == RECORDS_TYPE and media_type(info.content_type) != RECORDS_TYPE:
+            if _is_json(info.content_type):
+                raise _Fail(409, "content_type_mismatch", "a JSON stream takes its records "
+                            "as a JSON body (an array for several)")
+            return _msgpack_records(body, self.max_batch_records)
+        if media_type(ct) != media_type(info.content_type):
+            raise _Fail(409, "content_type_mismatch",
+                        f"the stream holds {info.content_type}, not {ct}")
+        return _json_records(body, False, self.max_batch_records) if _is_json(ct) else [body]
+
+    async def _produced(self, name: str, info: SessionInfo, r: ProduceResult,
+                        producer: tuple[str, int, int], out: Responder) -> None:
+        """The HTTP answer to an idempotent producer's append.  ``info`` is
+        the session as the request found it.
+
+        A duplicate is a 204 as the protocol says; while the broker knows
+        where the original landed, it also says where, as an accepted append
+        would: Stream-Next-Offset after its records, and Broker-First-Offset
+        at the first one, so a client that lost the first answer still learns
+        its offsets."""
         _, epoch, seq = producer
         if r.status == "accepted":
             assert r.offsets is not None
             headers: Headers = [("Stream-Next-Offset", format_offset(r.offsets.stop)),
-                                ("Producer-Epoch", str(epoch)), ("Producer-Seq", str(seq))]
+                                ("Producer-Epoch", str(epoch)), ("Producer-Seq", str(seq)),
+                                _epoch(info.epoch)]
+            if r.offsets:
+                headers.append(("Broker-First-Offset", format_offset(r.offsets.start)))
             if r.closed:
                 headers.append(("Stream-Closed", "true"))
             # A close with no data is a 204, like a plain close.
             status = 204 if not r.offsets and r.closed else 200
             await out.send(response(status, b"", headers=headers))
         elif r.status == "duplicate":
-            headers = [("Producer-Epoch", str(epoch)), ("Producer-Seq", str(r.last_seq))]
+            headers = [("Producer-Epoch", str(epoch)), ("Producer-Seq", str(r.last_seq)),
+                       _epoch(info.epoch)]
+            if r.offsets:
+                headers += [("Stream-Next-Offset", format_offset(r.offsets.stop)),
+                            ("Broker-First-Offset", format_offset(r.offsets.start))]
             if r.closed:
-                info = await self.broker.info(name)
-                headers += [("Stream-Closed", "true"),
-                            ("Stream-Next-Offset", format_offset(info.next_offset))]
+                headers.append(("Stream-Closed", "true"))
+                if not r.offsets:
+                    now = await self.broker.info(name)
+                    headers.append(("Stream-Next-Offset", format_offset(now.next_offset)))
             await out.send(response(204, b"", headers=headers))
         elif r.status == "stale_epoch":
             raise _Fail(403, "stale_producer_epoch", "a newer epoch of this producer exists",
@@ -797,13 +928,17 @@ class StreamsApi:
         if offset == NOW and live is None:
             headers: Headers = [("content-type", ct),
                                 ("Stream-Next-Offset", format_offset(info.next_offset)),
-                                ("Stream-Up-To-Date", "true"), ("cache-control", "no-store")]
+                                ("Stream-Up-To-Date", "true"), ("cache-control", "no-store"),
+                                _epoch(info.epoch)]
             if info.closed:
                 headers.append(("Stream-Closed", "true"))
             await out.send(response(200, b"[]" if _is_json(ct) else b"",
                                     content_type=ct, headers=headers))
             return
-        async with self.broker.subscribe(name, offset) as sub:
+        # Bound to the epoch the request found: should the session be
+        # re-created meanwhile, the read fails (409 epoch_changed) rather than
+        # answer records of another incarnation under this one's Broker-Epoch.
+        async with self.broker.subscribe(name, offset, epoch=info.epoch) as sub:
             batch = await sub.next(wait=False)
             # With view=records, ``shown`` is what the answer holds.
             shown = _record_objects(batch, info.content_type, view.mask) \
@@ -824,7 +959,7 @@ class StreamsApi:
             nxt = format_offset(sub.offset)
             at_tail = sub.offset >= info.next_offset
             closed_here = info.closed and at_tail
-            headers = [("Stream-Next-Offset", nxt)]
+            headers = [("Stream-Next-Offset", nxt), _epoch(sub.epoch)]
             if at_tail:
                 headers.append(("Stream-Up-To-Date", "true"))
             if live == "long-poll" and not closed_here:
@@ -840,7 +975,7 @@ class StreamsApi:
                 etag = etag[:-1] + f':r{view.mask:x}"'
             headers.append(("etag", etag))
             if req.header(b"if-none-match") == etag:
-                await out.send(response(304, b"", headers=[("etag", etag)]))
+                await out.send(response(304, b"", headers=[("etag", etag), _epoch(sub.epoch)]))
                 return
             if shown is not None:
                 body = _records_body(shown)
@@ -855,10 +990,10 @@ class StreamsApi:
         ct = info.content_type
         binary = not _is_text(ct) and not view.records
         headers: Headers = [("content-type", "text/event-stream"),
-                            ("cache-control", "no-cache")]
+                            ("cache-control", "no-cache"), _epoch(info.epoch)]
         if binary:
             headers.append(("stream-sse-data-encoding", "base64"))
-        async with self.broker.subscribe(name, offset) as sub:
+        async with self.broker.subscribe(name, offset, epoch=info.epoch) as sub:
             await out.start(200, headers)
             try:
                 await self._sse_events(name, sub, ct, binary, cursor,

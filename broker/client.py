@@ -70,7 +70,10 @@ Four layers, each usable on its own:
    and land exactly once, in order with the client's other publishes.
 
    The server keeps producer state per publisher, so a client that did not
-   name itself keeps the name the server gave it on its first connection.
+   name itself keeps the name the server gave it on its first connection,
+   and names itself with it over HTTP too (``Broker-Client``): a publish in
+   flight when the client moves from the WebSocket to HTTP is then a
+   duplicate there, not a second copy.
 
    One *pump* task per connection sends attaches, credit and batches, woken
    by ``_poke``: it alone decides their order, and whatever piles up while
@@ -101,7 +104,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.abc
@@ -582,6 +585,9 @@ async def _drop(stream: anyio.abc.ByteStream | None) -> None:
 # ================================================================ HTTP transports (SSE, long-poll)
 
 _HTTP_RETRY_STATUSES: Final = frozenset({408, 429})
+# The broker's body of several records (_streams.RECORDS_TYPE; the client
+# does not import the server's modules).
+RECORDS_TYPE: Final = "application/vnd.broker.records+msgpack"
 
 
 def _http_base(ws_url: str) -> str | None:
@@ -623,12 +629,14 @@ def _body_class() -> type:
 
 
 class _Reader:
-    """One attached session of an HttpTransport: its task's cancel scope and
-    the credit the subscription granted (None: unlimited)."""
+    """One attached session of an HttpTransport: its task's cancel scope, the
+    credit the subscription granted (None: unlimited) and the session epoch
+    its offsets belong to (the one asked for, then the one read)."""
 
     def __init__(self, attach: _frames.Attach) -> None:
         self.attach = attach
         self.credit = attach.credit
+        self.epoch = attach.epoch
         self.more = anyio.Event()
         self.scope = anyio.CancelScope()
 
@@ -653,26 +661,34 @@ class HttpTransport:
       last ``Stream-Next-Offset``.  Records are handed on only as far as the
       subscription's credit goes; past it the task stops reading, so credit
       bounds memory as on the WebSocket.
+    * Every read answer carries ``Broker-Epoch``, the session's incarnation.
+      ``attached`` gives it; a read of a subscription that resumes with an
+      epoch, or that was attached, and finds another one ends it with the
+      ``epoch_changed`` event, as the WebSocket does.  A resume refused for
+      its offset (``offset_out_of_range``, ``offset_too_old``) asks a HEAD
+      which epoch the session is at now, and is ``epoch_changed`` only if
+      that differs.
     * ``publish`` becomes a POST with the producer stamp in ``Producer-Id``,
       ``-Epoch`` and ``-Seq`` (and ``Broker-Kind`` for kind != 0): a JSON
-      session's payloads as one JSON array, any other one record per POST.
-      One session's POSTs go one at a time, in order, since producer seqs
-      must arrive in order.  A 204 (a retry of a stored append) is ``ack``
-      with ``dup``.  Record meta goes in ``Broker-Meta`` (a JSON array), so
-      over HTTP it must be JSON values.
+      session's payloads as one JSON array; one non-empty record of any
+      other session as the body itself; several, or an empty one, as one
+      ``application/vnd.broker.records+msgpack`` body, which the broker
+      appends atomically.  ``Broker-Client`` names the client, so that with
+      auth off the broker keys the producer by client id, as on the
+      WebSocket, and a publish first sent there is recognised here.  One
+      session's POSTs go one at a time, in order, since producer seqs must
+      arrive in order.  A 204 (a retry of a stored append) is ``ack`` with
+      ``dup``, with the offsets the broker gives (``Broker-First-Offset``,
+      ``Stream-Next-Offset``) when it still knows them.  Record meta goes in
+      ``Broker-Meta`` (a JSON array), so over HTTP it must be JSON values.
     * Any request that fails on the network ends the whole transport, as a
       cut WebSocket does; the client dials again and resumes every
       subscription and resends every unacknowledged publish.  A 401 ends it
       with the server's code, which the client handles as on the WebSocket.
 
-    HTTP has no session epochs (``epochs`` is False): ``attached`` repeats
-    the epoch asked for (0 if none), and the client does not adopt it.
     ``serve`` runs the background requests; the client runs it beside the
     connection.
     """
-
-    family: Final = "http"         # producer state over HTTP is not the WebSocket's
-    epochs: Final = False
 
     def __init__(self, base: str, mode: str, http: Any, read_timeout: float) -> None:
         self.base = base
@@ -681,6 +697,7 @@ class HttpTransport:
         self._http = http               # an httpx.AsyncClient
         self._read_timeout = read_timeout
         self._token: str | None = None
+        self._client: str | None = None      # the client id, as the welcome gave it
         self._inbox: deque[_frames.ServerFrame] = deque()
         self._wake = anyio.Event()
         self._stop = anyio.Event()
@@ -780,7 +797,6 @@ class HttpTransport:
             self._lost(CloseInfo(1006, f"HTTP: {exc or type(exc).__name__}"))
 
     def _url(self, session: str) -> str:
-        from urllib.parse import quote
         return f"{self.base}/v1/stream/{quote(session, safe='/:@+=,~-._')}"
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -830,8 +846,9 @@ class HttpTransport:
         except (httpx.HTTPError, _HttpFailure, OSError) as exc:
             self._lost(CloseInfo(1006, f"HTTP: {exc or type(exc).__name__}"))
             return
-        self._put(_frames.Welcome(1, hello.client or f"http-{secrets.token_hex(6)}",
-                                  f"{self.mode}-{secrets.token_hex(6)}", 3600.0, 1 << 20))
+        self._client = hello.client or f"http-{secrets.token_hex(6)}"
+        self._put(_frames.Welcome(1, self._client, f"{self.mode}-{secrets.token_hex(6)}",
+                                  3600.0, 1 << 20))
 
     async def _content_type(self, session: str) -> str | None:
         """The session's content type (None: it does not exist).  A token
@@ -901,20 +918,49 @@ class HttpTransport:
             chunk, records = records[:n], records[n:]
             self._put(Data(session, tuple(chunk)))
 
-    def _refused(self, reader: _Reader, resp: Any, answering: bool) -> None:
+    @staticmethod
+    def _epoch_of(resp: Any) -> int:
+        """The session epoch an answer speaks of (``Broker-Epoch``)."""
+        text = resp.headers.get("broker-epoch", "")
+        if not text.isascii() or not text.isdigit():
+            raise _HttpFailure(f"no Broker-Epoch in an answer (got {text[:20]!r})")
+        return int(text)
+
+    def _end(self, reader: _Reader, frame: _frames.ServerFrame) -> None:
+        """End a subscription with ``frame`` (an event, or an error)."""
+        if self._readers.get(reader.attach.session) is reader:
+            del self._readers[reader.attach.session]
+        self._put(frame)
+
+    def _same_epoch(self, reader: _Reader, resp: Any) -> bool:
+        """Whether a read answer is of the epoch the reader's offsets belong
+        to; if not, the subscription ends with ``epoch_changed``."""
+        epoch = self._epoch_of(resp)
+        if reader.epoch is None or epoch == reader.epoch:
+            return True
+        self._end(reader, Event(reader.attach.session, "epoch_changed", epoch))
+        return False
+
+    async def _refused(self, reader: _Reader, resp: Any, answering: bool) -> None:
         """A read refused for good: answer the attach, or end the subscription."""
         att = reader.attach
         code, message, retry_after = self._error(resp)
-        self._readers.pop(att.session, None)
-        if code == "session_not_found" and (att.epoch is not None or not answering):
-            self._put(Event(att.session, "deleted"))
-        elif code in ("offset_out_of_range", "offset_too_old") and att.epoch is not None:
-            # HTTP has no epochs: an offset the session no longer has is taken
-            # as a re-created session (the browser client's rule).
-            self._put(Event(att.session, "epoch_changed", att.epoch + 1))
+        if code in ("offset_out_of_range", "offset_too_old", "epoch_changed") \
+                and reader.epoch is not None:
+            # An offset the session does not have, or a session re-created
+            # under the read: it is another incarnation only if its epoch
+            # says so, else the refusal stands.
+            head = await self._http.head(self._url(att.session), headers=self._headers())
+            self._check_link(head)
+            if head.status_code == 404:
+                code = "session_not_found"
+            elif head.status_code == 200 and not self._same_epoch(reader, head):
+                return
+        if code == "session_not_found" and (reader.epoch is not None or not answering):
+            self._end(reader, Event(att.session, "deleted"))
         else:
-            self._put(_frames.Error(code, message, att.session,
-                                    att.id if answering else None, retry_after))
+            self._end(reader, _frames.Error(code, message, att.session,
+                                            att.id if answering else None, retry_after))
 
     async def _read(self, reader: _Reader) -> None:
         with reader.scope:
@@ -928,15 +974,18 @@ class HttpTransport:
                                             params=self._params(reader, att.offset, None))
                 self._check_link(resp)
                 if resp.status_code != 200:
-                    self._refused(reader, resp, True)
+                    await self._refused(reader, resp, True)
                     return
                 content_type = await self._content_type(att.session) or "application/octet-stream"
             resp = await self._http.get(self._url(att.session), headers=self._headers(),
                                         params=self._params(reader, att.offset, None))
             self._check_link(resp)
             if resp.status_code != 200:
-                self._refused(reader, resp, True)
+                await self._refused(reader, resp, True)
                 return
+            if not self._same_epoch(reader, resp):
+                return
+            reader.epoch = self._epoch_of(resp)
             records = self._records(resp.json(), content_type)
             nxt = self._next_of(resp.headers.get("stream-next-offset"))
             if nxt is None:
@@ -944,7 +993,7 @@ class HttpTransport:
             up = resp.headers.get("stream-up-to-date") == "true"
             closed = resp.headers.get("stream-closed") == "true"
             start = att.offset if att.offset >= 0 else (records[0].offset if records else nxt)
-            self._put(Attached(att.id, att.session, att.epoch or 0, start, nxt, closed and up))
+            self._put(Attached(att.id, att.session, reader.epoch, start, nxt, closed and up))
             await self._deliver(reader, records)
             if up:
                 self._put(UpToDate(att.session, nxt))
@@ -965,7 +1014,9 @@ class HttpTransport:
                 params=self._params(reader, nxt, "long-poll" if up else None))
             self._check_link(resp)
             if resp.status_code not in (200, 204):
-                self._refused(reader, resp, False)
+                await self._refused(reader, resp, False)
+                return
+            if not self._same_epoch(reader, resp):
                 return
             if resp.status_code == 200:
                 await self._deliver(reader, self._records(resp.json(), content_type))
@@ -988,7 +1039,9 @@ class HttpTransport:
                 if resp.status_code != 200:
                     await resp.aread()
                     self._check_link(resp)
-                    self._refused(reader, resp, False)
+                    await self._refused(reader, resp, False)
+                    return
+                if not self._same_epoch(reader, resp):
                     return
                 event, data = "", []
                 async for line in resp.aiter_lines():
@@ -1045,15 +1098,17 @@ class HttpTransport:
                                    "JSON value in UTF-8")
             # Wrapped in an array, so that an array value stays one record.
             body = b"[" + b",".join(frame.records) + b"]"
-        elif not frame.records[0]:
-            return refused("empty_body", "over HTTP a session of type "
-                           f"{content_type} takes no empty record")
-        elif n > 1:
-            return refused("batch_too_large", f"over HTTP a session of type {content_type} "
-                           "takes one record per publish: publish them one at a time")
+            body_type = content_type
+        elif n == 1 and frame.records[0]:
+            body, body_type = frame.records[0], content_type       # the plain protocol
         else:
-            body = frame.records[0]
-        headers = {"Content-Type": content_type}
+            # Several records, or an empty one: the broker's records body,
+            # appended atomically as a WebSocket publish is.
+            body = msgpack.packb(list(frame.records), use_bin_type=True)
+            body_type = RECORDS_TYPE
+        headers = {"Content-Type": body_type}
+        if self._client is not None:
+            headers["Broker-Client"] = quote(self._client, safe="")
         if frame.producer is not None:
             headers.update({"Producer-Id": frame.producer.id,
                             "Producer-Epoch": str(frame.producer.epoch),
@@ -1074,7 +1129,11 @@ class HttpTransport:
         if resp.status_code in (200, 204):
             nxt = self._next_of(resp.headers.get("stream-next-offset"))
             if frame.producer is not None and resp.status_code == 204:
-                return Ack(frame.id, session, dup=True)        # a retry of a stored append
+                # A retry of a stored append: where it landed, if the broker knows.
+                first = self._next_of(resp.headers.get("broker-first-offset"))
+                if first is None or nxt is None or not first < nxt:
+                    return Ack(frame.id, session, dup=True)
+                return Ack(frame.id, session, first, nxt - first, dup=True)
             if nxt is None:
                 raise _HttpFailure("no Stream-Next-Offset after an append")
             return Ack(frame.id, session, nxt - n, n)
@@ -1914,7 +1973,6 @@ class _Pipeline:
         self.paused_until = -math.inf
         self.failures = 0                     # retriable refusals in a row
         self.merge_records = self.MAX_BATCH_RECORDS   # halved by each batch_too_large
-        self.family: str | None = None        # "ws" or "http": where producer state is kept
         self._room = anyio.Event()
 
     # ------------------------------------------------------------ callers
@@ -1964,18 +2022,6 @@ class _Pipeline:
 
     async def service(self, conn: Connection, now: float) -> float:
         """Send what is due on ``conn``; returns when to look again."""
-        family = getattr(conn.transport, "family", "ws")
-        if family != self.family:
-            if self.family is not None:
-                # Without auth the server keys WebSocket producers by client
-                # id and HTTP ones by nothing, so the other family has never
-                # seen this producer: start a new epoch at seq 0, which both
-                # accept.  A batch in flight at the switch may be stored twice.
-                self.epoch += 1
-                self.next_seq = 0
-                for sent in self.batches:
-                    sent.restamp, sent.conn, sent.request_id = True, None, -1
-            self.family = family
         # Answers arrive during each send and may pause, rewind or fence the
         # pipeline, so every step looks at its state afresh.
         while True:
@@ -2041,6 +2087,8 @@ class _Pipeline:
             self.batches.remove(batch)
             self.failures = 0
             offset = answer.offset
+            if answer.dup and answer.count != sum(len(e.payloads) for e in batch.entries):
+                offset = None                # a dup whose original the broker cannot place
             for entry in batch.entries:
                 if offset is None:           # dup: stored before, offsets not known here
                     entry.resolve(None)
@@ -2251,8 +2299,8 @@ class Subscription(Generic[T]):
         if isinstance(answer, Attached):
             self._attached = True
             self._failures = 0
-            if self.epoch is None and getattr(conn.transport, "epochs", True):
-                self.epoch = answer.epoch    # HTTP has no epochs: it repeats the one asked
+            if self.epoch is None:
+                self.epoch = answer.epoch
             if self._next is None:
                 self._next = answer.offset
                 if self._cursor < 0:          # START or NOW, now resolved
@@ -2381,10 +2429,13 @@ class Session:
         """Append records, atomically, and wait until they are durable.
 
         Returns their offsets.  A resend after a cut that the server
-        recognises as a duplicate is answered with the original's offsets;
-        it returns None only if the broker restarted in between or the
-        resend went over HTTP (the records are there once either way).  Calls made while earlier ones are on the wire
-        may share one frame, and then succeed or fail together."""
+        recognises as a duplicate is answered with the original's offsets,
+        on any transport and across broker restarts; it returns None only if
+        the broker no longer knows them (more than 64 later appends of this
+        producer came between, or, across a restart, thousands of records),
+        and the records are there once either way.  Calls made while earlier ones
+        are on the wire may share one frame, and then succeed or fail
+        together."""
         entry = self._entry(payloads, kind, meta, create)
         await self.client._pipe(self.name).submit(entry)
         return await entry.wait()
@@ -2547,20 +2598,15 @@ class MessageStream:
                         tb: TracebackType | None) -> None:
         self._ended = True
         self._scope.cancel()
-        # Over HTTP record meta is lost and a byte session takes no empty
-        # record, so an empty closing part would only fail there.
-        closing = bool(self._buf) or self.session.client.transport not in ("sse", "longpoll")
         if et is not None:
             # Mark the message as cut short, without waiting: we may be cancelled.
             try:
-                if closing:
-                    await self._part({"end": True, "aborted": True}, False)
+                await self._part({"end": True, "aborted": True}, False)
             except ClientError:
                 pass
             return
         async with self._lock:
-            if closing:
-                await self._part({"end": True}, True)
+            await self._part({"end": True}, True)
         error = self._error
         for entry in self._parts:
             try:

@@ -78,8 +78,8 @@ async def test_each_transport_reads_publishes_and_signals(served: Served,
             for token in ("Hel", "lo ", "world"):
                 await m.append(token)
                 await m.flush()
-        # Over HTTP the empty closing part is left out (it would carry only meta).
-        parts = 4 if transport == "ws" else 3
+        # Every part, the empty closing one too (a records body over HTTP).
+        parts = 4
         assert [o.start for o in m.offsets if o is not None] == list(range(4, 4 + parts))
         rest = await take(sub, 1 + parts)
         assert [r.offset for r in rest] == list(range(3, 4 + parts))

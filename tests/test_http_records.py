@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -399,3 +400,186 @@ def test_demo_route_needs_the_flag(tmp_path: Path, flag: tuple[str, ...],
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# ------------------------------------------- several binary records in one POST
+
+RECORDS = {"content-type": "application/vnd.broker.records+msgpack"}
+PRODUCER = {"producer-id": "p", "producer-epoch": "0"}
+
+
+def test_the_client_names_the_records_type_as_the_server_does() -> None:
+    from broker import _streams, client
+    assert client.RECORDS_TYPE == _streams.RECORDS_TYPE
+
+
+@pytest.mark.parametrize("ct", ["application/octet-stream", "text/plain"])
+async def test_a_records_body_appends_atomically(http: tuple[Served, httpx.AsyncClient],
+                                                 ct: str) -> None:
+    s, c = http
+    await c.put(url("b"), headers={"content-type": ct})
+    body = msgpack.packb([b"one", b"", "three"], use_bin_type=True)
+    r = await c.post(url("b"), content=body, headers=RECORDS)
+    assert r.status_code == 204, r.text
+    assert r.headers["stream-next-offset"] == "0000000000000000_0000000000000003"
+    assert (await s.broker.read("b")).payloads() == [b"one", b"", b"three"]
+    # With a producer, a kind and meta, and its retry as a duplicate.
+    for status in (200, 204):
+        r = await c.post(url("b"), content=msgpack.packb([b"x", b"y"]), headers={
+            **RECORDS, **PRODUCER, "producer-seq": "0", "broker-kind": "signal",
+            "broker-meta": '[{"n":1},null]'})
+        assert r.status_code == status, r.text
+        assert r.headers["broker-first-offset"] == "0000000000000000_0000000000000003"
+        assert r.headers["stream-next-offset"] == "0000000000000000_0000000000000005"
+    r = await c.get(url("b", offset="0000000000000000_0000000000000003", view="records"))
+    assert [(rec["k"], rec["m"], base64.b64decode(rec["d"]) if rec.get("b64") else rec["d"])
+            for rec in r.json()] == [(1, {"n": 1}, b"x" if ct != "text/plain" else "x"),
+                                     (1, None, b"y" if ct != "text/plain" else "y")]
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (b"", 400, "empty_body"),
+    (b"\xc4\x01x", 400, "bad_records"),                          # a bin, not an array
+    (b"\x91\x01", 400, "bad_records"),                           # an item that is not bytes
+    (b"\x91\x91\xc4\x01x", 400, "bad_records"),                  # nested
+    (b"\x92\xc4\x01x", 400, "bad_records"),                      # one item short
+    (b"\x91\xc4\x05xy", 400, "bad_records"),                     # the item is cut short
+    (b"\x91\xc4\x01xz", 400, "bad_records"),                     # bytes after the array
+    (b"\xdd\x00\x00", 400, "bad_records"),                       # a cut array header
+    (b"\x90", 400, "empty_array"),
+    (b"\xdc\x00\x04" + b"\xc4\x00" * 4, 413, "batch_too_large"),  # over the limit of 3
+])
+async def test_bad_records_bodies(tmp_path: Path, body: bytes, status: int, code: str) -> None:
+    async with serve_in_process(tmp_path / "data", streams={"max_batch_records": 3}) as s:
+        async with httpx.AsyncClient(base_url=s.http_url, timeout=30) as c:
+            await c.put(url("b"), headers=BYTES)
+            r = await c.post(url("b"), content=body, headers=RECORDS)
+            assert r.status_code == status, r.text
+            assert r.json()["error"]["code"] == code
+            assert (await s.broker.info("b")).next_offset == 0
+
+
+async def test_records_bodies_and_json_streams(http: tuple[Served, httpx.AsyncClient]) -> None:
+    s, c = http
+    await c.put(url("j"), headers=JSON)
+    r = await c.post(url("j"), content=msgpack.packb([b"1"]), headers=RECORDS)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "content_type_mismatch"
+    # A stream of that very type takes such a body as one record, as the protocol says.
+    await c.put(url("m"), headers=RECORDS)
+    body = msgpack.packb([b"a", b"b"])
+    assert (await c.post(url("m"), content=body, headers=RECORDS)).status_code == 204
+    assert (await s.broker.read("m")).payloads() == [body]
+
+
+async def test_a_record_over_the_limit_in_a_records_body(tmp_path: Path) -> None:
+    async with serve_in_process(tmp_path / "data", max_record_bytes=4) as s:
+        async with httpx.AsyncClient(base_url=s.http_url, timeout=30) as c:
+            await c.put(url("b"), headers=BYTES)
+            r = await c.post(url("b"), content=msgpack.packb([b"ok", b"too long"]),
+                             headers=RECORDS)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "record_too_large"
+            assert (await s.broker.info("b")).next_offset == 0
+
+
+# ------------------------------------------------------------ Broker-Epoch
+
+async def test_every_answer_about_records_names_the_epoch(tmp_path: Path) -> None:
+    async with serve_in_process(tmp_path / "data",
+                                streams={"long_poll_timeout_s": 0.05}) as s, \
+            httpx.AsyncClient(base_url=s.http_url, timeout=30) as c:
+        await _epochs_named(s, c)
+
+
+async def _epochs_named(s: Served, c: httpx.AsyncClient) -> None:
+    async def answers() -> list[httpx.Response]:
+        out = [await c.put(url("e"), headers=TEXT),
+               await c.post(url("e"), content=b"x", headers=TEXT),
+               await c.post(url("e"), content=b"y", headers={**TEXT, **PRODUCER,
+                                                              "producer-seq": "0"}),
+               await c.head(url("e")),
+               await c.get(url("e", offset="-1")),
+               await c.get(url("e", offset="now")),
+               await c.get(url("e", offset="now", live="long-poll"))]
+        async with c.stream("GET", url("e", offset="now", live="sse")) as sse:
+            out.append(sse)
+        return out
+
+    got = await answers()
+    epoch = (await s.broker.info("e")).epoch
+    assert [r.headers.get("broker-epoch") for r in got] == [str(epoch)] * 8
+    await c.delete(url("e"))
+    again = await answers()
+    new = (await s.broker.info("e")).epoch
+    assert new != epoch
+    assert [r.headers.get("broker-epoch") for r in again] == [str(new)] * 8
+
+
+# ------------------------------------------------------------ Broker-Client
+
+async def test_broker_client_names_the_publisher_without_auth(
+        http: tuple[Served, httpx.AsyncClient]) -> None:
+    s, c = http
+    await c.put(url("c"), headers=TEXT)
+    r = await c.post(url("c"), content=b"x", headers={**TEXT, "broker-client": "ui%2F%C3%A9"})
+    assert r.status_code == 204, r.text
+    r = await c.get(url("c", offset="-1", view="records"))
+    assert [rec["p"] for rec in r.json()] == ["ui/é"]
+
+
+@pytest.mark.parametrize("value", ["", "%ff", "%C3", "a" * 257])
+async def test_bad_broker_client(http: tuple[Served, httpx.AsyncClient], value: str) -> None:
+    s, c = http
+    await c.put(url("c"), headers=TEXT)
+    r = await c.post(url("c"), content=b"x", headers={**TEXT, "broker-client": value})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_client", r.text
+    assert (await s.broker.info("c")).next_offset == 0
+
+
+async def test_broker_client_is_ignored_with_auth(authed: tuple[Served, httpx.AsyncClient]) -> None:
+    _, c = authed
+    alice = bearer({"c": ["*"]})
+    await c.put(url("c"), headers={**TEXT, **alice})
+    r = await c.post(url("c"), content=b"x",
+                     headers={**TEXT, **alice, "broker-client": "mallory"})
+    assert r.status_code == 204, r.text
+    r = await c.get(url("c", offset="-1", view="records"), headers=alice)
+    assert [rec["p"] for rec in r.json()] == ["alice"]
+
+
+async def test_one_producer_across_the_websocket_and_http(
+        http: tuple[Served, httpx.AsyncClient], raw: Any) -> None:
+    """Without auth a WebSocket publish is keyed by the hello's client id; an
+    HTTP POST naming the same client in Broker-Client is the same producer:
+    its retry is a duplicate, answered with where the records landed."""
+    s, c = http
+    await c.put(url("w"), headers=BYTES)
+    ws = await raw(s.port, client="ui-1")
+    await ws.send(_frames.Publish(1, "w", (b"a", b"b"), producer=_frames.Producer("p", 0, 0)))
+    ack = await ws.frame()
+    assert isinstance(ack, _frames.Ack) and (ack.offset, ack.count) == (0, 2)
+    retry = {**RECORDS, **PRODUCER, "producer-seq": "0"}
+    r = await c.post(url("w"), content=msgpack.packb([b"a", b"b"]),
+                     headers={**retry, "broker-client": "ui-1"})
+    assert r.status_code == 204, r.text
+    assert (r.headers["broker-first-offset"], r.headers["stream-next-offset"]) == (
+        ZERO, "0000000000000000_0000000000000002")
+    # Another client's producer of the same id is another producer.
+    r = await c.post(url("w"), content=msgpack.packb([b"c"]),
+                     headers={**retry, "broker-client": "ui-2"})
+    assert r.status_code == 200, r.text
+    assert (await s.broker.read("w")).payloads() == [b"a", b"b", b"c"]
+
+
+async def test_cors_lets_a_page_send_and_read_the_broker_headers(
+        http: tuple[Served, httpx.AsyncClient]) -> None:
+    # A cross-origin page that falls back to HTTP sends Broker-Client (its
+    # preflight must allow it) and reads Broker-Epoch and Broker-First-Offset.
+    served, c = http
+    r = await c.request("OPTIONS", url("cors"), headers={
+        "origin": "https://app.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "broker-client, broker-kind"})
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert "broker-client" in allowed and "broker-kind" in allowed
+    r = await c.put(url("cors"), headers={"content-type": "application/octet-stream"})
+    exposed = r.headers["access-control-expose-headers"].lower()
+    assert "broker-epoch" in exposed and "broker-first-offset" in exposed

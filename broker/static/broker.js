@@ -31,10 +31,17 @@
 // at a time, in call order: on the WebSocket as `publish` frames (signals are
 // publishes of kind 1), otherwise as POSTs with Producer-Id/-Epoch/-Seq (and
 // `Broker-Kind: signal`).  A publish whose answer was lost is sent again with
-// the same stamp, so it is stored once.  With auth off the broker keys
-// producers by WebSocket client id, but HTTP appends have no publisher; so when
-// publishing moves between the WebSocket and HTTP the producer starts a new
-// epoch.  The one publish in flight at that moment may then be stored twice.
+// the same stamp, so it is stored once, and resolves to its offset all the
+// same (the broker answers a duplicate with where it landed).  With auth off
+// the broker keys producers by client id: the POSTs name the client the
+// WebSocket's welcome gave (`Broker-Client`), so a publish in flight when the
+// client falls back from the WebSocket to HTTP is a duplicate there too.
+//
+// Epochs: the WebSocket's `attached` and `epoch_changed` carry the session's
+// epoch; over HTTP, every read answer carries it in `Broker-Epoch` (an SSE
+// attempt asks a HEAD first, since EventSource shows no headers).  An epoch
+// other than the cursor's means the session was re-created: `reset`, and
+// reading starts again from -1.
 //
 // The cursor {epoch, offset} is saved in sessionStorage under `storageKey`
 // (default "broker:<session>") after each delivered batch.  `connect()` starts
@@ -314,7 +321,7 @@ export class Client {
     this._nextId = 1;
     this._aborts = new Set();         // AbortControllers and closers of the attempt in progress
 
-    this._producer = { id: randomId(), epoch: 0, seq: 0, family: null };
+    this._producer = { id: randomId(), epoch: 0, seq: 0 };
     this._queue = [];                 // pending publishes, sent one at a time
     this._wake = null;
     this._pumping = this._pump();
@@ -520,9 +527,23 @@ export class Client {
     return this.format === "json" ? JSON.parse(text) : text;
   }
 
+  _epochChanged(res) {
+    // Broker-Epoch of an HTTP answer: adopt it if the cursor has none yet;
+    // another than the cursor's resets it (true).  Absent (a cross-origin
+    // page whose broker does not expose it), nothing is known.
+    const text = res.headers.get("Broker-Epoch");
+    if (text === null || !/^\d+$/.test(text)) return false;
+    const epoch = Number(text);
+    if (this.epoch === null) { this.epoch = epoch; this._save(); return false; }
+    if (epoch === this.epoch) return false;
+    this._reset(epoch);
+    return true;
+  }
+
   _httpFailure(err) {
-    // A read refused over HTTP.  offset_out_of_range after a delete and
-    // re-create is the only sign HTTP gives of a new epoch.
+    // A read refused over HTTP.  An offset the session does not have is
+    // taken as a re-created session whose epoch was not seen: read it again
+    // from the start.
     if (err.code === "offset_out_of_range" || err.code === "offset_too_old") {
       this._reset(this.epoch);
       throw new Lost(err.message);
@@ -660,6 +681,10 @@ export class Client {
   }
 
   async _runSse(opened) {
+    // EventSource shows no response headers: a HEAD tells the epoch first.
+    const head = await this._fetch(this._sessionUrl(), { method: "HEAD", headers: await this._headers() });
+    if (!head.ok && head.status !== 405) this._httpFailure(await errorOf(head));
+    this._epochChanged(head);
     const url = await this._readUrl("sse");
     return new Promise((resolve, reject) => {
       const es = new EventSource(url);
@@ -702,6 +727,7 @@ export class Client {
       const live = caughtUp ? "long-poll" : null;
       const res = await this._fetch(await this._readUrl(live), { headers: await this._headers() });
       if (res.status !== 200 && res.status !== 204) this._httpFailure(await errorOf(res));
+      if (this._epochChanged(res)) { caughtUp = false; continue; }   // read it again from -1
       let records = [];
       if (res.status === 200) {
         try { records = await res.json(); } catch (e) { throw new Lost(String(e)); }
@@ -726,7 +752,7 @@ export class Client {
     else body = value instanceof Uint8Array ? value : utf8.encode(String(value));
     if (body === undefined) return Promise.reject(new BrokerError("bad_payload", "not a JSON value"));
     return new Promise((resolve, reject) => {
-      this._queue.push({ kind, body, meta, stamp: null, family: null, resolve, reject });
+      this._queue.push({ kind, body, meta, stamp: null, resolve, reject });
       this._kick();
     });
   }
@@ -741,13 +767,12 @@ export class Client {
     return new Promise((r) => { this._wake = r; });
   }
 
-  _stamp(item, family) {
-    const p = this._producer;
-    if (item.stamp && item.family === family) return item.stamp;
-    if (p.family !== null && p.family !== family) { p.epoch++; p.seq = 0; }  // see the top comment
-    p.family = family;
-    item.family = family;
-    item.stamp = { id: p.id, epoch: p.epoch, seq: p.seq++ };
+  _stamp(item) {
+    // A publish keeps its stamp for life, whichever transport resends it.
+    if (!item.stamp) {
+      const p = this._producer;
+      item.stamp = { id: p.id, epoch: p.epoch, seq: p.seq++ };
+    }
     return item.stamp;
   }
 
@@ -783,12 +808,12 @@ export class Client {
 
   _publishWs(ws, item) {
     const id = this._nextId++;
-    const stamp = this._stamp(item, "ws");
+    const stamp = this._stamp(item);
     const frame = { t: "publish", id, s: this.session, r: [typeof item.body === "string" ? utf8.encode(item.body) : item.body], kind: item.kind, producer: stamp };
     if (item.meta !== undefined) frame.meta = [item.meta];
     return new Promise((resolve, reject) => {
       this._wsWaiters.set(id, {
-        resolve: (ack) => resolve(ack.dup ? null : ack.offset),
+        resolve: (ack) => resolve(ack.offset ?? null),   // a dup's, if the broker knows it
         reject,
       });
       try { ws.send(encode(frame)); } catch (e) { this._wsWaiters.delete(id); reject(new Lost(String(e))); }
@@ -796,11 +821,13 @@ export class Client {
   }
 
   async _publishHttp(item) {
-    const stamp = this._stamp(item, "http");
+    const stamp = this._stamp(item);
     const headers = {
       "Content-Type": this.contentType,
       "Producer-Id": stamp.id, "Producer-Epoch": String(stamp.epoch), "Producer-Seq": String(stamp.seq),
     };
+    // The same producer as on the WebSocket (auth off; with auth the token's sub is).
+    if (this.clientId) headers["Broker-Client"] = encodeURIComponent(this.clientId);
     if (item.kind === 1) headers["Broker-Kind"] = "signal";
     // A top-level JSON array would be split into records: wrap the value.
     const body = this.format === "json" ? `[${item.body}]` : item.body;
@@ -812,7 +839,10 @@ export class Client {
       const next = res.headers.get("Stream-Next-Offset");
       return next ? parseOffset(next) - 1 : null;
     }
-    if (res.status === 204) return null;             // a retry of a stored append
+    if (res.status === 204) {                         // a retry of a stored append
+      const first = res.headers.get("Broker-First-Offset");
+      return first ? parseOffset(first) : null;
+    }
     const err = await errorOf(res);
     if (res.status === 429) err.retryAfter = Number(res.headers.get("Retry-After")) || undefined;
     if (res.status === 429 || res.status >= 500) err.code = RETRY_PUBLISH.has(err.code) ? err.code : "unavailable";
