@@ -45,8 +45,10 @@ from ._errors import (
 )
 from ._files import FileCache
 from ._meta import check_name, dir_name
+from ._presence import Registry
 from ._run import BrokerState, current_boot_id
 from ._session import MESSAGE, START, ProduceResult, Publish, Reply, SessionActor, SessionInfo
+from ._session import ConversationView
 
 __all__ = ["Broker", "Subscription", "open_broker"]
 
@@ -68,6 +70,9 @@ class Broker:
         self._closed = False
         self.state = BrokerState(os.path.join(self.data_dir, "broker.json"),
                                  config.fsync.durable, current_boot_id())
+        # Who is attached to each session now (docs/protocol.md, "Presence"):
+        # kept by the transports, in memory only, never in a log.
+        self.presence = Registry()
 
     # ------------------------------------------------------------- actors
 
@@ -247,6 +252,14 @@ class Broker:
         info: SessionInfo = await self._call(name, "set_extra", changes)
         return info
 
+    async def view(self, name: str, *, text: bool = False) -> ConversationView:
+        """The session's AI conversation (docs/ai.md, "Views"), exact at the
+        records visible now: its ``next``.  Folded on demand, from where the
+        previous view (or the saved snapshot) stopped.  ``text`` asks for the
+        snapshot's JSON-safe form."""
+        view: ConversationView = await self._call(name, "view", text)
+        return view
+
     async def read(self, name: str, offset: int = START, *, max_records: int | None = None,
                    max_bytes: int | None = None) -> _core.Batch:
         """Durable records from ``offset`` (or START, NOW); empty at the end."""
@@ -294,6 +307,7 @@ class Broker:
 
     def _shutdown(self) -> None:
         self._closed = True
+        self.presence.close()
         for actor in list(self._actors.values()):
             actor._send.close()
 
@@ -419,6 +433,7 @@ async def open_broker(data_dir: str | os.PathLike[str], config: BrokerConfig | N
             raise BrokerError(f"{path} is in use by another broker") from None
         async with trio.open_nursery() as nursery:
             broker = Broker(path, cfg, nursery)
+            nursery.start_soon(broker.presence.run)    # long-poll readers' linger
             try:
                 yield broker
             finally:

@@ -14,10 +14,11 @@ wire key where the two differ (``session`` travels as ``"s"``).  A field with a
 default is optional on the wire: ``encode`` leaves it out while it holds its
 default, and ``decode`` fills the default in when the key is missing or nil
 (clients written in JavaScript send null for "not given").  A field without a
-default is required.  Three fields do not travel as they are held, and
+default is required.  A few fields do not travel as they are held, and
 ``_LOAD``/``_DUMP`` convert them: an attach's ``offset`` (the wire also takes
 the strings ``"-1"``, ``"now"`` and HTTP offsets), a publish's ``producer`` (a
-map on the wire) and a data frame's records (arrays on the wire).
+map on the wire), a data frame's records (arrays on the wire) and presence
+members (maps on the wire).
 
 A peer's bad frame raises ``FrameError`` with a stable code (``bad_frame`` or
 ``bad_offset``) and, when the map had them, the session and request id it
@@ -49,6 +50,13 @@ from ._session import MAX_KIND, NOW, START
 U64_MAX: Final = (1 << 64) - 1
 MAX_CLIENT_ID: Final = 256         # characters; a token's sub (256 bytes at most) must fit
 EVENTS: Final = frozenset({"closed", "deleted", "epoch_changed"})
+# Presence (docs/protocol.md, "Presence"): how a member is attached, and the
+# bounds of the info map a client shows with it.
+TRANSPORTS: Final = frozenset({"ws", "sse", "longpoll"})
+MAX_INFO_ENTRIES: Final = 16
+MAX_INFO_KEY: Final = 64           # characters
+MAX_INFO_TEXT: Final = 256         # characters of a string value
+MAX_INFO_INT: Final = (1 << 53) - 1  # JavaScript's exact integers, so JSON readers agree
 
 # An HTTP offset, "<reserved>_<record>".  [0-9], not \d: \d also matches other
 # scripts' digits, which int() would happily read.
@@ -194,6 +202,80 @@ class Record:
             raise _fail(self, "producer", "a Producer")
 
 
+def info_problem(info: object) -> str | None:
+    """Why ``info`` cannot be a member's info map, or None if it can: a map
+    of at most MAX_INFO_ENTRIES entries, keys of 1..MAX_INFO_KEY characters,
+    values that mean the same in msgpack and JSON (strings up to
+    MAX_INFO_TEXT characters, integers within +-MAX_INFO_INT, finite
+    numbers, booleans, nil).  Flat, so checking it is one short loop."""
+    if type(info) is not dict:
+        return "must be a map"
+    if len(info) > MAX_INFO_ENTRIES:
+        return f"may have at most {MAX_INFO_ENTRIES} entries, not {len(info)}"
+    for key, value in info.items():
+        if type(key) is not str or not 1 <= len(key) <= MAX_INFO_KEY:
+            return f"keys must be strings of 1-{MAX_INFO_KEY} characters, not {_short(key)}"
+        kind = type(value)
+        if value is None or kind is bool:
+            continue
+        if kind is int:
+            if -MAX_INFO_INT <= value <= MAX_INFO_INT:
+                continue
+            return f"value of {key!r} is an integer beyond 2^53"
+        if kind is float:
+            if value == value and abs(value) != float("inf"):
+                continue
+            return f"value of {key!r} is not a finite number"
+        if kind is str:
+            if len(value) <= MAX_INFO_TEXT:
+                continue
+            return f"value of {key!r} is longer than {MAX_INFO_TEXT} characters"
+        return f"value of {key!r} must be a string, number, boolean or nil, not {_short(value)}"
+    return None
+
+
+def _info(obj: object, attr: str) -> None:
+    """An optional info map, copied (so the frame's is its own) and None when empty."""
+    v = getattr(obj, attr)
+    if v is None:
+        return
+    problem = info_problem(v)
+    if problem is not None:
+        wire = _WIRE.get(type(obj))
+        where = wire[0] if wire else type(obj).__name__.lower()
+        raise FrameError("bad_frame", f"{where} {attr!r} {problem}")
+    object.__setattr__(obj, attr, dict(v) if v else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of a session's presence (docs/protocol.md, "Presence"): a
+    WebSocket connection attached to it, an SSE response, or a long-poll
+    reader."""
+
+    id: str                  # unique among the session's members while it is one
+    client: str              # the client id: hello's, the token's sub, or Broker-Client
+    transport: str           # ws, sse or longpoll
+    since: int               # when it joined, microseconds since the Unix epoch (as a record's ts)
+    info: dict[str, Any] | None = None   # what the client shows with it; see info_problem
+
+    def __post_init__(self) -> None:
+        _str(self, "id", 1, MAX_CLIENT_ID)
+        _str(self, "client", 1, MAX_CLIENT_ID)
+        if type(self.transport) is not str or self.transport not in TRANSPORTS:
+            raise _fail(self, "transport", "ws, sse or longpoll")
+        _int(self, "since")
+        _info(self, "info")
+
+    def as_map(self) -> dict[str, Any]:
+        """The member as it travels, in msgpack and in JSON alike."""
+        out: dict[str, Any] = {"id": self.id, "client": self.client,
+                               "transport": self.transport, "since": self.since}
+        if self.info is not None:
+            out["info"] = self.info
+        return out
+
+
 # ---------------------------------------------------------------- client frames
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +284,12 @@ class Hello:
 
     client: str | None = None
     token: str | None = None
+    info: dict[str, Any] | None = None    # presence info shown with this connection's attaches
 
     def __post_init__(self) -> None:
         _str(self, "client", 1, MAX_CLIENT_ID, optional=True)
         _str(self, "token", optional=True)
+        _info(self, "info")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +303,10 @@ class Attach:
     kinds: tuple[int, ...] | None = None  # None: every kind
     credit: int | None = None             # None: unlimited
     create: bool = False
+    view: bool = False                    # a ``view`` frame first, then data from its ``next``
+    presence: bool = False                # receive the session's members, then join and leave
+    hidden: bool = False                  # attach without being shown in its presence
+    info: dict[str, Any] | None = None    # presence info for this session (else hello's)
 
     def __post_init__(self) -> None:
         _int(self, "id")
@@ -232,6 +320,10 @@ class Attach:
             raise _fail(self, "kinds", f"a non-empty list of integers in 0..{MAX_KIND}")
         _int(self, "credit", 1, U64_MAX, optional=True)
         _bool(self, "create")
+        _bool(self, "view")
+        _bool(self, "presence")
+        _bool(self, "hidden")
+        _info(self, "info")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +391,18 @@ class Credit:
     def __post_init__(self) -> None:
         _session(self)
         _int(self, "n", 1, U64_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Ask who is attached to a session now: answered with ``members``."""
+
+    id: int
+    session: str
+
+    def __post_init__(self) -> None:
+        _int(self, "id")
+        _session(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +547,23 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True)
+class View:
+    """The conversation so far (docs/ai.md, "Views"), sent after ``attached``
+    when the attach asked for it: ``view`` is a Conversation snapshot exact
+    at ``next``, and the subscription's records go on from ``next``."""
+
+    session: str
+    next: int
+    view: dict[str, Any]     # Conversation.to_snapshot(); Conversation.from_snapshot reads it
+
+    def __post_init__(self) -> None:
+        _session(self)
+        _int(self, "next")
+        if type(self.view) is not dict or self.view.get("next") != self.next:
+            raise _fail(self, "view", "a conversation snapshot (a map) whose next is 'next'")
+
+
+@dataclass(frozen=True, slots=True)
 class UpToDate:
     session: str
     next: int                # where the subscription goes on from
@@ -485,13 +606,59 @@ class Error:
         _seconds(self, "retry_after", optional=True, zero=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Members:
+    """A session's members, in the order they joined: the answer to
+    ``presence`` (with its ``id``), or, on a subscription that asked for
+    presence, the whole set (after ``attached``, and again in place of
+    join and leave events that were dropped for a slow reader)."""
+
+    session: str
+    members: tuple[Member, ...]
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        _session(self)
+        members = _tuple(self, "members")
+        if members and set(map(type, members)) != {Member}:
+            raise _fail(self, "members", "a list of members")
+        _int(self, "id", optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """``member`` joined the session (one with an id the client holds replaces it)."""
+
+    session: str
+    member: Member
+
+    def __post_init__(self) -> None:
+        _session(self)
+        if type(self.member) is not Member:
+            raise _fail(self, "member", "a member")
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """``member`` left the session."""
+
+    session: str
+    member: Member
+
+    def __post_init__(self) -> None:
+        _session(self)
+        if type(self.member) is not Member:
+            raise _fail(self, "member", "a member")
+
+
 Frame = (Hello | Attach | Detach | Publish | Signal | Credit | Refresh | Ping | Pong
          | Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Refreshed | Expiring
-         | Error)
+         | Error | View | Presence | Members | Join | Leave)
 # What each side may send (Ping and Pong go both ways); usable with isinstance.
-ClientFrame = Hello | Attach | Detach | Publish | Signal | Credit | Refresh | Ping | Pong
+ClientFrame = (Hello | Attach | Detach | Publish | Signal | Credit | Refresh | Ping | Pong
+               | Presence)
 ServerFrame = (Welcome | Attached | Detached | Ack | Data | UpToDate | Event | Refreshed
-               | Expiring | Error | Ping | Pong)
+               | Expiring | Error | Ping | Pong | View | Members | Join | Leave)
 
 
 # ---------------------------------------------------------------- the wire table
@@ -513,10 +680,15 @@ _WIRE: Final[dict[type, tuple[str, dict[str, str]]]] = {
     Ack:      ("ack",        {"session": "s"}),
     Data:     ("data",       {"session": "s", "records": "r"}),
     UpToDate: ("up_to_date", {"session": "s"}),
+    View:     ("view",       {"session": "s", "view": "v"}),
     Event:    ("event",      {"session": "s", "event": "e"}),
     Refreshed: ("refreshed", {}),
     Expiring: ("expiring",   {}),
     Error:    ("error",      {"session": "s"}),
+    Presence: ("presence",   {"session": "s"}),
+    Members:  ("members",    {"session": "s"}),
+    Join:     ("join",       {"session": "s"}),
+    Leave:    ("leave",      {"session": "s"}),
 }
 
 
@@ -586,15 +758,38 @@ def _dump_records(records: tuple[Record, ...]) -> list[list[Any]]:
     return [_dump_record(r) for r in records]
 
 
+def _load_member(value: Any) -> Member:
+    if type(value) is not dict:
+        raise FrameError("bad_frame", "a member must be a map {id, client, transport, since}")
+    get: Callable[[str], Any] = value.get   # a missing key fails Member's checks
+    return Member(get("id"), get("client"), get("transport"), get("since"), get("info"))
+
+
+def _load_members(values: Any) -> tuple[Member, ...]:
+    if type(values) is not list:
+        raise FrameError("bad_frame", "members 'members' must be a list of members")
+    return tuple(map(_load_member, values))
+
+
+def _dump_members(members: tuple[Member, ...]) -> list[dict[str, Any]]:
+    return [m.as_map() for m in members]
+
+
 # (class, attribute) -> converter, for the fields not held as they travel.
 _LOAD: Final[dict[tuple[type, str], Callable[[Any], Any]]] = {
     (Attach, "offset"): parse_offset,
     (Publish, "producer"): _load_producer,
     (Data, "records"): _load_records,
+    (Members, "members"): _load_members,
+    (Join, "member"): _load_member,
+    (Leave, "member"): _load_member,
 }
 _DUMP: Final[dict[tuple[type, str], Callable[[Any], Any]]] = {
     (Publish, "producer"): _dump_producer,
     (Data, "records"): _dump_records,
+    (Members, "members"): _dump_members,
+    (Join, "member"): Member.as_map,
+    (Leave, "member"): Member.as_map,
 }
 
 _REQUIRED: Final = object()

@@ -186,7 +186,7 @@ _COMMON = (
     b"access-control-allow-headers: content-type, authorization, Stream-Seq, Stream-TTL, "
     b"Stream-Expires-At, Stream-Closed, Producer-Id, Producer-Epoch, Producer-Seq, "
     b"Stream-Forked-From, Stream-Fork-Offset, Stream-Fork-Sub-Offset, If-None-Match, "
-    b"Broker-Kind, Broker-Meta, Broker-Client\r\n"
+    b"Broker-Kind, Broker-Meta, Broker-Client, Broker-Presence\r\n"
     b"access-control-expose-headers: Stream-Next-Offset, Stream-Cursor, Stream-Up-To-Date, "
     b"Stream-Closed, Stream-Earliest-Offset, Producer-Epoch, Producer-Seq, "
     b"Producer-Expected-Seq, Producer-Received-Seq, etag, content-type, content-encoding, "

@@ -35,6 +35,15 @@ into meta.json, durably, before it first shows an unsynced record in a run.
 
 An actor with no work and no readers for ``idle_timeout_s`` syncs, closes its
 files and exits; the next use of the session starts a new one.
+
+Conversation views (docs/ai.md, "Views") are folded lazily, never on the
+publish path.  The actor keeps no fold until a ``view`` command asks for
+one; it then loads ``convo.snap`` (if it is of this epoch and covers no more
+than the log held when the actor opened it) or starts at the log's start,
+folds the committed records past where it stopped, a chunk at a time, and
+answers a snapshot exact at ``committed``.  The fold stays in memory for the
+next view, which reads only what came since.  It is saved to ``convo.snap``
+when it has moved ``_CONVO_SAVE_RECORDS`` past the last save, and on exit.
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ import json
 import logging
 import math
 import os
+import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +65,7 @@ import trio
 
 from . import _core
 from ._config import BrokerConfig
+from ._convo import Conversation
 from ._errors import (
     BrokerError,
     OffsetOutOfRange,
@@ -167,6 +179,73 @@ _LANDED_PRODUCERS = 1024      # producers remembered per session
 _LANDED_TAIL_RECORDS = 4096
 _LANDED_TAIL_BYTES = 4 << 20
 _LANDED_TAIL_CHUNK = 256
+
+# Conversation views: the snapshot file, how far the fold moves between
+# saves of it, and how much it reads between checkpoints (the first view of
+# a long log reads all of it, and other sessions must not wait for that).
+CONVO_FILE = "convo.snap"
+_CONVO_SAVE_RECORDS = 10_000
+_FOLD_CHUNK_RECORDS = 4096
+_FOLD_CHUNK_BYTES = 4 << 20
+# convo.snap: magic, the session's epoch, a CRC-32 of the epoch and the body;
+# then the body, Conversation.to_snapshot() in msgpack.
+_CONVO_MAGIC = b"BKC1"
+_CONVO_HEAD = struct.Struct(">4sQI")
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationView:
+    """A session's conversation as the fold has it, exact at ``next``: it
+    folds every record from the snapshot's ``start`` (0 unless retention
+    deleted records before they were folded) below ``next``."""
+
+    epoch: int
+    next: int
+    snapshot: dict[str, Any]      # Conversation.to_snapshot(), in the form asked for
+
+
+def convo_file(epoch: int, conv: Conversation) -> bytes:
+    """The bytes of ``convo.snap`` for ``conv``, a fold of epoch ``epoch``."""
+    body: bytes = msgpack.packb(conv.to_snapshot(), use_bin_type=True)
+    return _CONVO_HEAD.pack(_CONVO_MAGIC, epoch,
+                            zlib.crc32(body, zlib.crc32(epoch.to_bytes(8, "big")))) + body
+
+
+def read_convo_file(data: bytes) -> tuple[int, Conversation]:
+    """(epoch, fold) from the bytes of ``convo.snap``; ValueError if they
+    are not a whole, intact snapshot file."""
+    if len(data) < _CONVO_HEAD.size:
+        raise ValueError("truncated")
+    magic, epoch, crc = _CONVO_HEAD.unpack_from(data)
+    body = data[_CONVO_HEAD.size:]
+    if magic != _CONVO_MAGIC:
+        raise ValueError("not a conversation snapshot file")
+    if zlib.crc32(body, zlib.crc32(epoch.to_bytes(8, "big"))) != crc:
+        raise ValueError("checksum mismatch")
+    try:
+        snap = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:      # msgpack raises many types; each means "not a snapshot"
+        raise ValueError(f"bad msgpack: {exc}") from None
+    return epoch, Conversation.from_snapshot(snap)
+
+
+def _fold_header(header: bytes | None) -> tuple[str | None, Any]:
+    """(publisher, meta) of a stored header, for the fold."""
+    if header is None:
+        return None, None
+    try:
+        publisher, meta, _ = header_parts(header)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
+        return None, None         # folded without it, as view=records shows it without
+    return publisher, meta
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +361,11 @@ class SessionActor:
         self._landed: dict[str, dict[tuple[int, int], range]] = {}
         self._producers_changed = False       # the table moved since the last snapshot
         self._snapshot_at = 0                 # offset the last producer snapshot covers
+        # The conversation fold, from the first view on (None: nobody asked).
+        self._convo: Conversation | None = None
+        self._convo_saved = 0                 # offset convo.snap covers, as far as we know
+        self._convo_limit = 0                 # the log's end at open: a snapshot past it is stale
+        self.folded = 0                       # records the fold has read (a measure, for tests)
 
     # ------------------------------------------------------------------ api
 
@@ -395,7 +479,7 @@ class SessionActor:
     def _attach(self, meta: SessionMeta, log: SegmentLog) -> None:
         self.log = log
         self.meta = meta
-        self.committed = self.durable = self.log.next_offset
+        self.committed = self.durable = self._convo_limit = self.log.next_offset
         self.ring.reset(self.committed)
 
     def _exit(self) -> None:
@@ -422,6 +506,7 @@ class SessionActor:
                     self.log.sync_blocking()
             finally:
                 self.log.close()
+            self._save_convo_now()
         self._fail_pending(StorageError("the session actor stopped before the append was synced"))
         self._wake()
         self.ready.set()
@@ -607,6 +692,12 @@ class SessionActor:
             if kind == "append":
                 self._check_append(arg)
                 self._queue(reply, batch, arg, None)
+                return
+            if kind == "view":
+                # Exact at ``committed``: what is not visible yet is not in
+                # it, so nothing need be written or synced first.
+                self.touch()
+                reply.set(await self._do_view(bool(arg)))
                 return
             # Anything else sees every earlier append durable first.
             self._write(batch)
@@ -1024,6 +1115,8 @@ class SessionActor:
         self._producers = {}
         self._landed = {}
         self._producers_changed = False
+        self._convo = None
+        self._convo_saved = 0
         self.ring.reset(0)
         self.committed = self.durable = 0
         self._wake()
@@ -1031,3 +1124,96 @@ class SessionActor:
         await trio.to_thread.run_sync(log.remove)
         if self._cfg.fsync.durable:
             await trio.to_thread.run_sync(fsync_dir, os.path.dirname(self.directory))
+
+    # ------------------------------------------------------ conversation views
+    #
+    # The fold lives here, not in the publish path: an append costs the same
+    # whether or not anyone ever asks for a view, and a session nobody views
+    # never reads its snapshot file or folds a record.  What a view costs is
+    # the records since the previous view (or since the snapshot), read from
+    # the ring or the log, of which only the headers and payloads of kinds
+    # 1-63 are decoded.
+
+    async def _do_view(self, text: bool) -> ConversationView:
+        meta, log = self.meta, self.log
+        if meta is None or log is None:
+            raise SessionNotFound(self.name)
+        conv = self._convo
+        if conv is None:
+            conv = await self._load_convo(meta, log)
+        if conv.next < log.start_offset:
+            # Retention deleted records before the fold reached them: it cannot
+            # go on exactly, so it starts again from the oldest record left.
+            logger.warning("session %r: records %d..%d were deleted before the conversation "
+                           "fold read them; it starts again at %d", self.name, conv.next,
+                           log.start_offset - 1, log.start_offset)
+            conv = Conversation(json=conv.json, start=log.start_offset)
+        self._convo = conv
+        await self._fold(conv)
+        if conv.next - self._convo_saved >= _CONVO_SAVE_RECORDS:
+            await self._save_convo()
+        return ConversationView(meta.epoch, conv.next, conv.to_snapshot(text=text))
+
+    async def _load_convo(self, meta: SessionMeta, log: SegmentLog) -> Conversation:
+        """The fold saved in convo.snap if it is of this epoch and within what
+        the log held at open (a machine crash may have taken the rest back);
+        else an empty fold from the log's oldest record."""
+        json_session = media_type(meta.content_type) == "application/json"
+        path = os.path.join(self.directory, CONVO_FILE)
+        try:
+            data = await trio.to_thread.run_sync(_read_bytes, path)
+            if data is not None:
+                epoch, conv = read_convo_file(data)
+                if (epoch == meta.epoch and conv.json == json_session
+                        and conv.next <= self._convo_limit):
+                    self._convo_saved = conv.next
+                    return conv
+                logger.info("session %r: %s is stale (epoch %d, next %d; the log is at "
+                            "epoch %d and held %d records at open): folding the log",
+                            self.name, CONVO_FILE, epoch, conv.next, meta.epoch,
+                            self._convo_limit)
+        except (OSError, ValueError) as exc:
+            logger.warning("session %r: ignoring %s: %s", self.name, CONVO_FILE, exc)
+        return Conversation(json=json_session, start=log.start_offset)
+
+    async def _fold(self, conv: Conversation) -> None:
+        """Fold the committed records from ``conv.next`` on, a chunk at a time."""
+        upto = self.committed
+        while conv.next < upto:
+            batch = self.read(conv.next, _FOLD_CHUNK_RECORDS, _FOLD_CHUNK_BYTES)
+            if not batch:
+                break
+            for i in range(len(batch)):
+                kind = (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND
+                if kind == MESSAGE:
+                    continue            # not part of the model: its header is not even read
+                publisher, meta = _fold_header(batch.meta(i))
+                conv.apply(batch.offset(i), kind, publisher, meta, bytes(batch.payload(i)))
+            conv.advance(batch.next_offset)
+            self.folded += len(batch)
+            if conv.next < upto:
+                await trio.sleep(0)     # a long first fold lets the other sessions run
+
+    async def _save_convo(self) -> None:
+        conv, meta = self._convo, self.meta
+        assert conv is not None and meta is not None
+        data = convo_file(meta.epoch, conv)
+        try:
+            await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, CONVO_FILE),
+                                          data, self._cfg.fsync.durable)
+        except OSError as exc:
+            # The snapshot is a shortcut: without it the next actor folds more.
+            logger.warning("session %r: saving %s failed: %s", self.name, CONVO_FILE, exc)
+            return
+        self._convo_saved = conv.next
+
+    def _save_convo_now(self) -> None:
+        """On exit: save the fold if it moved since the last save."""
+        conv, meta = self._convo, self.meta
+        if conv is None or meta is None or conv.next <= self._convo_saved:
+            return
+        try:
+            write_atomic(os.path.join(self.directory, CONVO_FILE), convo_file(meta.epoch, conv),
+                         self._cfg.fsync.durable)
+        except OSError as exc:
+            logger.warning("session %r: saving %s failed: %s", self.name, CONVO_FILE, exc)

@@ -41,6 +41,9 @@ Durable Streams protocol has no words for, and change nothing when unused:
   publisher, time, meta and payload) instead of bare payloads, and
   ``kinds=`` keeps only some kinds.  The cursor still moves past the records
   left out, so offsets, headers and control events are those of a plain read;
+* ``view=conversation`` on a GET answers the AI conversation so far (the
+  session actor's fold, docs/ai.md "Views") as JSON, exact at its
+  ``Stream-Next-Offset``, from which the client reads on;
 * a POST body of type ``application/vnd.broker.records+msgpack`` (a msgpack
   array of byte strings) appends several binary records atomically, as a
   WebSocket publish does;
@@ -52,7 +55,10 @@ Durable Streams protocol has no words for, and change nothing when unused:
   producer is keyed alike over HTTP and over the WebSocket;
 * a producer's duplicate (204) carries ``Stream-Next-Offset`` and
   ``Broker-First-Offset`` where the original landed, while the session
-  still knows (its producers' last 64 appends, restarts included).
+  still knows (its producers' last 64 appends, restarts included);
+* presence (_presence.py): an open SSE response and a long-poll reader
+  are members of the session's presence (``Broker-Presence`` gives their
+  info, or hides them), and ``view=presence`` answers the members now.
 """
 
 from __future__ import annotations
@@ -100,7 +106,7 @@ from ._errors import (
     SessionExists,
     SessionNotFound,
 )
-from ._frames import MAX_CLIENT_ID
+from ._frames import MAX_CLIENT_ID, Member, info_problem
 from ._http import Headers, Request, Responder, error, response
 from ._meta import media_type, reject_json_constant
 from ._offsets import HTTP_OFFSET_RE, format_offset, parse_offset_text
@@ -358,6 +364,20 @@ class _View:
 _BARE = _View()
 
 
+@dataclass(frozen=True, slots=True)
+class _Appearance:
+    """How a live reader shows in presence (``Broker-Presence``): the client
+    id it goes by (None: it named none) and its info map."""
+
+    client: str | None
+    info: dict[str, Any] | None
+
+
+# Broker-Presence is "hidden" or a JSON object; its info is small by rule
+# (_frames.info_problem), so a long header is refused before it is parsed.
+_MAX_PRESENCE_HEADER = 4096
+
+
 def _view(params: dict[str, list[str]]) -> _View:
     views, kinds = params.get("view"), params.get("kinds")
     if views is None:
@@ -365,7 +385,8 @@ def _view(params: dict[str, list[str]]) -> _View:
             raise _Fail(400, "bad_kind", "kinds= needs view=records")
         return _BARE
     if views != ["records"]:
-        raise _Fail(400, "bad_view", f"the only view is records, not {views[0][:40]!r}")
+        raise _Fail(400, "bad_view", "the views are records, and conversation or presence "
+                    f"(alone), not {','.join(views)[:40]!r}")
     if kinds is None:
         return _View(records=True)
     if len(kinds) > 1:
@@ -455,8 +476,10 @@ def _records_body(records: list[dict[str, Any]]) -> bytes:
 class StreamsApi:
     def __init__(self, broker: Broker, long_poll_timeout_s: float = 30.0,
                  sse_max_s: float = 60.0, auth: Authenticator | None = None,
-                 max_batch_records: int = 10_000) -> None:
+                 max_batch_records: int = 10_000, presence_linger_s: float = 10.0) -> None:
         self.broker = broker
+        # A long-poll reader stays present this long after its last poll ends.
+        self.presence_linger_s = presence_linger_s
         self.auth = auth or Authenticator()
         self.max_batch_records = max_batch_records
         self.long_poll_timeout_s = long_poll_timeout_s
@@ -902,6 +925,12 @@ class StreamsApi:
 
     async def _get(self, name: str, req: Request, params: dict[str, list[str]],
                    who: Principal, out: Responder) -> None:
+        if params.get("view") == ["conversation"]:
+            await self._conversation(name, params, out)
+            return
+        if params.get("view") == ["presence"]:
+            await self._presence_view(name, params, out)
+            return
         offsets = params.get("offset")
         if offsets is not None and len(offsets) > 1:
             raise _Fail(400, "bad_offset", "more than one offset parameter")
@@ -916,14 +945,17 @@ class StreamsApi:
         offset = parse_offset(raw) if raw is not None else START
         cursor = params.get("cursor", [None])[0]
         view = _view(params)
+        appear = self._appearance(req, who) if live is not None else None
         info = await self.broker.info(name, touch=True)
         await self._check_gone(info)
         # A live read ends by the token's expiry at the latest: the client
         # then comes back with a fresh token and its offset.
         expiry = who.seconds_left(self.auth.clock())
         if live == "sse":
-            await self._sse(name, info, offset, cursor, expiry, view, out)
+            await self._sse(name, info, offset, cursor, expiry, view, out, appear)
             return
+        if live == "long-poll":
+            self._polled(name, appear)     # present from this poll to its linger, waiting or not
         ct = "application/json" if view.records else info.content_type
         if offset == NOW and live is None:
             headers: Headers = [("content-type", ct),
@@ -945,7 +977,8 @@ class StreamsApi:
                 if view.records else None
             if live == "long-poll" and not sub.finished and not _some(batch, shown):
                 with self._live_wait(trio.current_time()
-                                     + min(self.long_poll_timeout_s, expiry)):
+                                     + min(self.long_poll_timeout_s, expiry)), \
+                        self._polling(name, appear):
                     # With a kinds filter, records of other kinds only move
                     # the cursor on: the poll waits on for one it shows.
                     while True:
@@ -983,10 +1016,112 @@ class StreamsApi:
                 body = _json_body(batch) if _is_json(ct) else batch.join()
             await out.send(response(200, body, content_type=ct, headers=headers))
 
+    async def _conversation(self, name: str, params: dict[str, list[str]],
+                            out: Responder) -> None:
+        """``view=conversation``: the AI conversation so far as JSON (the
+        snapshot's text form, docs/ai.md "Views"), exact at its
+        Stream-Next-Offset, from which the client reads on."""
+        extra = sorted(set(params) & {"offset", "live", "kinds", "cursor"})
+        if extra:
+            raise _Fail(400, "bad_view", f"view=conversation takes no {extra[0]}: it is the "
+                        "view at the end, and reading goes on from its Stream-Next-Offset")
+        info = await self.broker.info(name, touch=True)
+        await self._check_gone(info)
+        view = await self.broker.view(name, text=True)
+        info = await self.broker.info(name)
+        headers: Headers = [("Stream-Next-Offset", format_offset(view.next)), _epoch(view.epoch),
+                            ("cache-control", "no-store")]
+        if info.epoch == view.epoch and view.next >= info.next_offset:
+            headers.append(("Stream-Up-To-Date", "true"))
+            if info.closed:
+                headers.append(("Stream-Closed", "true"))
+        try:
+            body = json.dumps(view.snapshot, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:      # a lone surrogate in meta: escape it
+            body = json.dumps(view.snapshot, separators=(",", ":")).encode()
+        await out.send(response(200, body, content_type="application/json", headers=headers))
+
+    # ------------------------------------------------------------ presence
+    #
+    # An SSE response is a member for as long as it is open.  A long-poll
+    # reader is only ever a run of requests: keyed by its client id (the
+    # token's sub, or Broker-Client), every poll keeps it present (while
+    # the poll waits, and for ``presence_linger_s`` after it), so a reader
+    # that polls again at once stays one member; one that names no client
+    # cannot be told from the next, and is not shown.
+
+    def _appearance(self, req: Request, who: Principal) -> _Appearance | None:
+        """How a live read shows in presence; None for ``Broker-Presence:
+        hidden``.  A bad header is a 400 before anything is read."""
+        raw = req.header(b"broker-presence")
+        info = None
+        if raw is not None:
+            text = raw.strip()
+            if text.lower() == "hidden":
+                return None
+            if len(text) > _MAX_PRESENCE_HEADER:
+                raise _Fail(400, "bad_presence", f"Broker-Presence is longer than "
+                            f"{_MAX_PRESENCE_HEADER} characters")
+            try:
+                info = json.loads(text, parse_constant=reject_json_constant)
+            except (ValueError, RecursionError):
+                info = None
+            problem = info_problem(info)
+            if problem is not None:
+                raise _Fail(400, "bad_presence", "Broker-Presence must be hidden or a JSON "
+                            f"object of the presence info rules: it {problem}")
+        return _Appearance(self._publisher(req, who), info)
+
+    def _member(self, prefix: str, transport: str, appear: _Appearance) -> Member:
+        presence = self.broker.presence
+        member_id = presence.new_id(prefix)
+        return Member(member_id, appear.client or f"anon-{member_id}", transport,
+                      time.time_ns() // 1000, appear.info)
+
+    def _join_sse(self, name: str, appear: _Appearance | None) -> str | None:
+        """An SSE response joins; its member id (None if it is not shown)."""
+        if appear is None:
+            return None
+        member = self._member("sse", "sse", appear)
+        self.broker.presence.join(name, member)
+        return member.id
+
+    @contextlib.contextmanager
+    def _polling(self, name: str, appear: _Appearance | None) -> Iterator[None]:
+        """A long-poll holds its reader present while it waits."""
+        if appear is None or appear.client is None:
+            yield
+            return
+        presence = self.broker.presence
+        presence.hold(name, self._member("lp", "longpoll", appear))
+        try:
+            yield
+        finally:
+            presence.release(name, appear.client,
+                             trio.current_time() + self.presence_linger_s)
+
+    def _polled(self, name: str, appear: _Appearance | None) -> None:
+        with self._polling(name, appear):
+            pass
+
+    async def _presence_view(self, name: str, params: dict[str, list[str]],
+                             out: Responder) -> None:
+        """``view=presence``: the session's members now, as JSON."""
+        extra = sorted(set(params) - {"view", "token"})
+        if extra:
+            raise _Fail(400, "bad_view", f"view=presence takes no {extra[0][:40]!r}: it is "
+                        "who is attached now, with no offset and no live mode")
+        info = await self.broker.info(name)
+        await self._check_gone(info)
+        members = [m.as_map() for m in self.broker.presence.members(name)]
+        await out.send(response(200, json.dumps({"members": members}).encode(),
+                                headers=[("cache-control", "no-store"), _epoch(info.epoch)]))
+
     # ------------------------------------------------------------ SSE
 
     async def _sse(self, name: str, info: SessionInfo, offset: int, cursor: str | None,
-                   expiry: float, view: _View, out: Responder) -> None:
+                   expiry: float, view: _View, out: Responder,
+                   appear: _Appearance | None = None) -> None:
         ct = info.content_type
         binary = not _is_text(ct) and not view.records
         headers: Headers = [("content-type", "text/event-stream"),
@@ -995,11 +1130,15 @@ class StreamsApi:
             headers.append(("stream-sse-data-encoding", "base64"))
         async with self.broker.subscribe(name, offset, epoch=info.epoch) as sub:
             await out.start(200, headers)
+            member = self._join_sse(name, appear)
             try:
                 await self._sse_events(name, sub, ct, binary, cursor,
                                        min(self.sse_max_s, expiry), view, out)
             except (SessionDeleted, EpochChanged, SessionNotFound):
                 pass                 # the stream went away: end the response
+            finally:
+                if member is not None:
+                    self.broker.presence.leave(name, member)
             await out.end()
 
     async def _sse_events(self, name: str, sub: Subscription, ct: str, binary: bool,

@@ -23,7 +23,10 @@ nursery, and never a queue of messages:
   ``max_round_bytes``), and nobody else slows down.
 
 A **subscription** is a broker cursor (an offset, see _broker.Subscription),
-a kind filter, a credit, and nothing else.  Its data frames are built by
+a kind filter, a credit, and nothing else.  An attach with ``view`` first
+gets the session's conversation from its actor (docs/ai.md, "Views"), sends
+it as one ``view`` frame after ``attached``, and starts the cursor where the
+view is exact.  Its data frames are built by
 ``_core.pack_data`` from a Batch straight into WebSocket frame bytes.  Server
 frames are unmasked, so a frame is the same bytes for every subscriber of the
 session at the same offset: each session keeps a small cache of recent frames
@@ -33,6 +36,13 @@ lags reads bigger batches, from the ring or from disk, and builds its own.
 
 Heartbeats: the writer sends a ``ping`` every ``heartbeat_s`` and closes the
 connection (4008) if the previous ping has not been answered by then.
+
+Presence (_presence.py): a subscription is a member of its session's presence
+(unless it attached ``hidden``) from ``attached`` until it ends, however it
+ends, so a connection that drops or times out leaves every session with it.
+One that attached with ``presence`` watches the session: join and leave are
+folded into its Feed as they happen, and the writer sends what the feed holds
+once per round, like a cursor's batch, never a queue of events.
 
 Tokens and limits
 -----------------
@@ -62,6 +72,7 @@ import itertools
 import math
 import socket
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +85,7 @@ from . import _core, _frames
 from ._auth import APPEND, CREATE, READ, Authenticator, AuthError, Forbidden, Principal
 from ._auth import SIGNAL as SIGNAL_OP
 from ._broker import Broker, Subscription
+from ._convo import Kind
 from ._errors import (
     BrokerError,
     EpochChanged,
@@ -84,7 +96,8 @@ from ._errors import (
 )
 from ._limits import TokenBucket
 from ._meta import MAX_NAME_BYTES, check_name, is_json_text, media_type
-from ._session import SIGNAL, ProduceResult, Reply, SessionActor
+from ._presence import JOIN, Feed
+from ._session import NOW, SIGNAL, ProduceResult, Reply, SessionActor
 
 
 WS_PATH = "/v1/ws"
@@ -121,6 +134,9 @@ class WsConfig:
                              "rate, burst and expiry warning not negative")
 
 
+# An attach with a view must receive every kind the fold reads (docs/ai.md).
+_VIEW_KINDS = frozenset(int(k) for k in Kind)
+
 _CACHE_ENTRIES = 32                 # frames kept per session
 _CACHE_MAX_FRAME = 256 * 1024       # bigger frames are catch-up, rarely shared
 _SCAN_COST = 16 * 1024              # what a read that sends nothing counts against a round
@@ -149,7 +165,8 @@ class _Fanout:
 class _Sub:
     """One attached session on one connection."""
 
-    __slots__ = ("name", "cursor", "mask", "credit", "behind", "fanout", "conn")
+    __slots__ = ("name", "cursor", "mask", "credit", "behind", "fanout", "conn", "member",
+                 "feed")
 
     def __init__(self, conn: _Conn, name: str, mask: int, credit: int | None,
                  fanout: _Fanout) -> None:
@@ -160,6 +177,17 @@ class _Sub:
         self.credit = credit              # records the client lets us send; None: no limit
         self.behind = True                # up_to_date is due when the tail is reached
         self.fanout = fanout
+        self.member = False               # shown in the session's presence
+        self.feed: Feed | None = None     # presence not yet sent, if the attach asked for it
+
+    def presence_changed(self, kind: str, member: _frames.Member) -> None:
+        """A presence watcher (_presence.py): note the change, never queue it."""
+        feed = self.feed
+        if feed is not None:
+            feed.add(kind, member)
+            conn = self.conn
+            conn.presence_due[self] = None
+            conn.wake.set()
 
     def mark(self) -> None:
         """The session has news: send it now if that is simple, else let the
@@ -281,7 +309,9 @@ class _Conn:
         self.wake = trio.Event()                 # set when there is something to send
         self.ready: dict[_Sub, None] = {}        # subscriptions to look at, in order
         self.subs: dict[str, _Sub] = {}
+        self.presence_due: dict[_Sub, None] = {}  # subscriptions with presence to send
         self.client: str | None = None           # set by an accepted hello
+        self.info: dict[str, Any] | None = None  # hello's presence info
         self.url_token = url_token               # ?token= of the upgrade; hello's wins
         self.principal = _NOBODY                 # what the token allows; set by hello
         self.expires_at = math.inf               # trio time at which the token expires
@@ -400,6 +430,8 @@ class _Conn:
             self.wake = trio.Event()
             chunks, self.out, self.out_bytes = self.out, [], 0
             self.drained.set()
+            if self.presence_due and self.closing is None:
+                self._presence(chunks)
             budget = self.cfg.max_round_bytes
             while self.ready and budget > 0 and self.closing is None:
                 sub = next(iter(self.ready))
@@ -590,6 +622,63 @@ class _Conn:
         if sub.cursor is not None:
             sub.cursor.close()
             sub.cursor = None
+        if sub.member or sub.feed is not None:
+            self._hide(sub)
+
+    # ------------------------------------------------------------ presence
+    #
+    # A subscription is a member of its session's presence from ``attached``
+    # to ``_end``, which every way a subscription ends goes through (detach,
+    # events, errors, refresh, and ``release`` when the connection ends for
+    # any reason).  A subscription that asked for presence watches the
+    # registry through its Feed; the writer turns the feed into frames once
+    # per round, so a peer that does not read holds at most a feed's worth.
+
+    def _show(self, sub: _Sub, frame: _frames.Attach) -> None:
+        """Make a subscription just attached a member, and a watcher if asked."""
+        if self.subs.get(sub.name) is not sub:
+            return                  # ended while attaching: nothing to undo later
+        presence = self.broker.presence
+        if not frame.hidden:
+            assert self.client is not None
+            presence.join(sub.name, _frames.Member(
+                self.id, self.client, "ws", time.time_ns() // 1000,
+                frame.info if frame.info is not None else self.info))
+            sub.member = True
+        if frame.presence:
+            sub.feed = Feed()       # starts with the whole set due
+            presence.watch(sub.name, sub.presence_changed)
+            self.presence_due[sub] = None
+            self.wake.set()
+
+    def _hide(self, sub: _Sub) -> None:
+        presence = self.broker.presence
+        if sub.feed is not None:
+            presence.unwatch(sub.name, sub.presence_changed)
+            sub.feed = None
+            self.presence_due.pop(sub, None)
+        if sub.member:
+            sub.member = False
+            presence.leave(sub.name, self.id)
+
+    def _presence(self, chunks: list[bytes]) -> None:
+        """Add the presence frames due to ``chunks``: the whole set, or the
+        net changes since the last round."""
+        due, self.presence_due = self.presence_due, {}
+        presence = self.broker.presence
+        for sub in due:
+            feed = sub.feed
+            if feed is None or self.subs.get(sub.name) is not sub:
+                continue
+            resync, changes = feed.take()
+            if resync:
+                chunks.append(_frame(_frames.Members(sub.name,
+                                                     tuple(presence.members(sub.name)))))
+            for kind, member in changes:
+                if kind == JOIN:
+                    chunks.append(_frame(_frames.Join(sub.name, member)))
+                else:
+                    chunks.append(_frame(_frames.Leave(sub.name, member)))
 
     # ------------------------------------------------------------ frames in
 
@@ -630,6 +719,7 @@ class _Conn:
             self.client = principal.sub
         else:
             self.client = frame.client or f"anon-{self.id}"
+        self.info = frame.info
         ttl = self._take(principal)
         self.send(_frame(_frames.Welcome(1, self.client, self.id, self.cfg.heartbeat_s,
                                          self.cfg.max_message, ttl)))
@@ -719,6 +809,8 @@ class _Conn:
         name = frame.session
         if not self._allowed(name, frame.id, *((READ, CREATE) if frame.create else (READ,))):
             return
+        if frame.view and not self._view_possible(frame):
+            return
         if name in self.subs:
             self.error("already_attached", f"already attached to {name!r}", name, frame.id)
             return
@@ -754,13 +846,55 @@ class _Conn:
         if self.subs.get(name) is not sub:
             cursor.close()          # the connection ended meanwhile
             return
+        view = await self._view(sub, cursor, frame.id) if frame.view else None
+        if frame.view and view is None:
+            return
         sub.cursor = cursor
         actor = await cursor.live_actor()
         meta = actor.meta
         self.send(_frame(_frames.Attached(frame.id, name, cursor.epoch, cursor.offset,
                                           actor.committed,
                                           bool(meta is not None and meta.closed))))
+        if view is not None:
+            self.send(view)
+        self._show(sub, frame)
         sub.mark()
+
+    def _view_possible(self, frame: _frames.Attach) -> bool:
+        """Whether an attach with ``view`` can be exact; if not, the refusal is sent."""
+        if frame.offset != NOW:
+            self.error("bad_view", "an attach with a view reads from where the view ends: "
+                       "leave offset out", frame.session, frame.id)
+            return False
+        if frame.kinds is not None and not _VIEW_KINDS <= set(frame.kinds):
+            self.error("bad_view", "an attach with a view needs every kind the view folds "
+                       "(1-7) in kinds, or no kinds at all", frame.session, frame.id)
+            return False
+        return True
+
+    async def _view(self, sub: _Sub, cursor: Subscription, request_id: int) -> bytes | None:
+        """The ``view`` frame of an attach, with ``cursor`` moved to where the
+        view is exact; None if the attach ended instead (already answered).
+
+        The cursor was opened at the end, before the view was folded: it
+        holds the actor, and the view, folded later, is exact at or past it."""
+        try:
+            view = await self.broker.view(sub.name)
+        except BrokerError as exc:
+            cursor.close()
+            self._end(sub)
+            self.error(exc.code, str(exc), sub.name, request_id)
+            return None
+        if self.subs.get(sub.name) is not sub:
+            cursor.close()          # the connection ended meanwhile
+            return None
+        if view.epoch != cursor.epoch:
+            cursor.close()          # deleted and created again meanwhile
+            self._event(sub, self.out, "epoch_changed", view.epoch)
+            self.wake.set()
+            return None
+        cursor.offset = view.next
+        return _frame(_frames.View(sub.name, view.next, view.snapshot))
 
     async def _on_detach(self, frame: _frames.Detach) -> None:
         sub = self.subs.get(frame.session)
@@ -851,6 +985,18 @@ class _Conn:
     async def _on_pong(self, frame: _frames.Pong) -> None:
         self.awaiting_pong = False
 
+    async def _on_presence(self, frame: _frames.Presence) -> None:
+        name = frame.session
+        if not self._allowed(name, frame.id, READ):
+            return
+        try:
+            await self.broker.info(name)        # a session that does not exist has no members
+        except BrokerError as exc:
+            self.error(exc.code, str(exc), name, frame.id)
+            return
+        self.send(_frame(_frames.Members(name, tuple(self.broker.presence.members(name)),
+                                         frame.id)))
+
     _handlers: dict[type, Callable[[_Conn, Any], Any]] = {
         _frames.Hello: _on_hello,
         _frames.Attach: _on_attach,
@@ -861,4 +1007,5 @@ class _Conn:
         _frames.Signal: _on_signal,
         _frames.Ping: _on_ping,
         _frames.Pong: _on_pong,
+        _frames.Presence: _on_presence,
     }

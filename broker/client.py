@@ -69,6 +69,14 @@ Four layers, each usable on its own:
    Signals are publishes of kind 1, so they go through the same pipeline
    and land exactly once, in order with the client's other publishes.
 
+   The AI message model (docs/ai.md) is built on these: ``MessageStream``
+   writes a message as a start, deltas batched by ``_convo.Coalescer``, and
+   an end with its outcome; the typed signals and messages encode text by
+   the session's payload rule (``Session.is_json``); a ``Conversation``
+   folds a session's records into whole messages, starting from the
+   broker's view when the WebSocket offers one.  ``broker.agent`` is the
+   agent's side on top of them.
+
    The server keeps producer state per publisher, so a client that did not
    name itself keeps the name the server gave it on its first connection,
    and names itself with it over HTTP too (``Broker-Client``): a publish in
@@ -110,8 +118,8 @@ import anyio
 import anyio.abc
 import msgpack
 
-from . import _core, _frames
-from ._frames import Ack, Attached, Data, Event, Record, UpToDate
+from . import _convo, _core, _frames
+from ._frames import Ack, Attached, Data, Event, Member, Record, UpToDate
 from ._handshake import HandshakeError, check_server_response, client_request
 from ._meta import media_type
 from ._offsets import format_offset, parse_offset_text
@@ -119,10 +127,10 @@ from ._session import NOW, START
 
 __all__ = [
     "Attachment", "Backoff", "Client", "ClientClosed", "ClientError", "CloseInfo", "Connection",
-    "ConnectionLost", "Cursor", "EpochChanged", "MessageStream", "Record", "Session",
-    "SessionDeleted", "SessionEnded", "Signal", "State", "Subscription", "Transport",
+    "ConnectionLost", "Conversation", "Cursor", "EpochChanged", "MessageStream", "Record",
+    "Session", "SessionDeleted", "SessionEnded", "Signal", "State", "Subscription", "Transport",
     "TransportClosed", "HttpTransport", "WebSocketTransport", "connect", "dial_http",
-    "dial_websocket", "open_connection",
+    "dial_websocket", "open_connection", "Member", "PresenceEvent",
 ]
 
 logger = logging.getLogger("broker.client")
@@ -698,6 +706,7 @@ class HttpTransport:
         self._read_timeout = read_timeout
         self._token: str | None = None
         self._client: str | None = None      # the client id, as the welcome gave it
+        self._presence: str | None = None    # Broker-Presence: hello's info, as JSON
         self._inbox: deque[_frames.ServerFrame] = deque()
         self._wake = anyio.Event()
         self._stop = anyio.Event()
@@ -742,6 +751,9 @@ class HttpTransport:
         elif isinstance(frame, _frames.Refresh):
             self._token = frame.token        # the next request carries it
             self._put(_frames.Refreshed(frame.id))
+        elif isinstance(frame, _frames.Presence):
+            asked = frame
+            self._spawn(lambda: self._members(asked))
         # A pong needs no answer: HTTP has no server pings.
 
     async def receive(self) -> _frames.ServerFrame:
@@ -803,6 +815,11 @@ class HttpTransport:
         headers = dict(extra or {})
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
+        # Who reads, for the broker's presence (and, with auth off, who publishes).
+        if self._client is not None:
+            headers.setdefault("Broker-Client", quote(self._client, safe=""))
+        if self._presence is not None:
+            headers["Broker-Presence"] = self._presence
         return headers
 
     @staticmethod
@@ -847,6 +864,8 @@ class HttpTransport:
             self._lost(CloseInfo(1006, f"HTTP: {exc or type(exc).__name__}"))
             return
         self._client = hello.client or f"http-{secrets.token_hex(6)}"
+        if hello.info is not None:
+            self._presence = json.dumps(hello.info, separators=(",", ":"))
         self._put(_frames.Welcome(1, self._client, f"{self.mode}-{secrets.token_hex(6)}",
                                   3600.0, 1 << 20))
 
@@ -1066,6 +1085,25 @@ class HttpTransport:
                         if control.get("streamClosed"):
                             self._put(Event(session, "closed"))
                             return
+
+    # ------------------------------------------------------------ presence
+
+    async def _members(self, frame: _frames.Presence) -> None:
+        """``presence`` as ``GET ?view=presence``, answered with ``members``.
+        (An attach's ``presence`` gets no events over HTTP.)"""
+        resp = await self._http.get(self._url(frame.session), headers=self._headers(),
+                                    params={"view": "presence"})
+        self._check_link(resp)
+        if resp.status_code != 200:
+            code, message, retry_after = self._error(resp)
+            self._put(_frames.Error(code, message, frame.session, frame.id, retry_after))
+            return
+        try:
+            members = tuple(Member(m["id"], m["client"], m["transport"], m["since"],
+                                   m.get("info")) for m in resp.json()["members"])
+        except (ValueError, KeyError, TypeError) as exc:     # FrameError is a ValueError
+            raise _HttpFailure(f"a presence answer that is not one: {exc}") from None
+        self._put(_frames.Members(frame.session, members, frame.id))
 
     # ------------------------------------------------------------ publishing
 
@@ -1424,15 +1462,26 @@ class Connection:
 
     async def attach(self, session: str, offset: int | str = "now", *,
                      epoch: int | None = None, kinds: Sequence[int] | None = None,
-                     credit: int | None = None, create: bool = False) -> Attachment:
+                     credit: int | None = None, create: bool = False,
+                     view: bool = False, presence: bool = False, hidden: bool = False,
+                     info: Mapping[str, Any] | None = None) -> Attachment:
         """Attach from ``offset`` (an int, "-1", "now" or an HTTP offset).
 
-        Raises SessionEnded if the session is gone or its epoch is not
-        ``epoch``, and ClientError for other refusals."""
+        With ``view`` (leave ``offset`` out), the first frame of the
+        attachment (``next_frame``) is a ``view``: the conversation so far,
+        exact at its ``next``, where the records then go on (docs/ai.md,
+        "Views").  With ``presence``, ``next_frame`` also gives the session's
+        ``members``, then ``join`` and ``leave`` frames; ``hidden`` attaches
+        without being shown, and ``info`` is what this attach shows instead
+        of hello's (docs/protocol.md, "Presence").  Raises SessionEnded if
+        the session is gone or its epoch is not ``epoch``, and ClientError
+        for other refusals."""
         if session in self._routes:
             raise ClientError("already_attached", f"already attached to {session!r}", session)
         frame = _frames.Attach(self.next_id(), session, _frames.parse_offset(offset), epoch,
-                               None if kinds is None else tuple(kinds), credit, create)
+                               None if kinds is None else tuple(kinds), credit, create,
+                               view=view, presence=presence, hidden=hidden,
+                               info=None if info is None else dict(info))
         att = Attachment(self, session)
         answer = await self.request(frame, route=att._deliver)
         if isinstance(answer, Event):
@@ -1443,6 +1492,12 @@ class Connection:
 
     async def detach(self, session: str) -> None:
         await self.request(_frames.Detach(self.next_id(), session))
+
+    async def presence(self, session: str) -> list[Member]:
+        """Who is attached to ``session`` now (needs ``read``)."""
+        answer = await self.request(_frames.Presence(self.next_id(), session))
+        assert isinstance(answer, _frames.Members)
+        return list(answer.members)
 
 
 class Attachment:
@@ -1536,16 +1591,21 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
 @asynccontextmanager
 async def open_connection(url: str, *, client_id: str | None = None, token: str | None = None,
                           ssl_context: ssl.SSLContext | None = None,
-                          timeout: float = 10.0) -> AsyncIterator[Connection]:
+                          timeout: float = 10.0,
+                          presence_info: Mapping[str, Any] | None = None,
+                          ) -> AsyncIterator[Connection]:
     """Open one connection, say hello, and yield it; it is closed (politely)
     on the way out.  Raises ClientError if the hello is refused
     (``unauthorized``, ``token_invalid``, ``token_expired``,
     ``client_mismatch``) or the dial fails.  No reconnect: for that, use
-    ``connect``."""
+    ``connect``.  ``presence_info`` is what the connection shows in the
+    presence of the sessions it attaches."""
+    hello = _frames.Hello(client_id, token,
+                          None if presence_info is None else dict(presence_info))
     transport = await dial_websocket(url, ssl_context=ssl_context, timeout=timeout)
     conn = Connection(transport)
     try:
-        await conn.hello(_frames.Hello(client_id, token), timeout)
+        await conn.hello(hello, timeout)
     except BaseException:
         await transport.aclose()
         raise
@@ -1591,11 +1651,17 @@ class Client:
                  dial: Dial | Sequence[tuple[str, Dial]], backoff: Backoff,
                  connect_timeout: float, window: int, max_retry_wait: float,
                  rng: random.Random | None,
-                 http_answers: Callable[[], Awaitable[bool]] | None = None) -> None:
+                 http_answers: Callable[[], Awaitable[bool]] | None = None,
+                 presence_info: Mapping[str, Any] | None = None) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.url = url
         self.client_id = client_id
+        # What this client shows in presence, sent in every hello.
+        self.presence_info = None if presence_info is None else dict(presence_info)
+        if self.presence_info is not None and (
+                problem := _frames.info_problem(self.presence_info)) is not None:
+            raise ValueError(f"presence_info {problem}")
         self.backoff = backoff
         self.window = window
         self.max_retry_wait = max_retry_wait
@@ -1620,6 +1686,8 @@ class Client:
         self._wake = anyio.Event()
         self._subs: dict[str, Subscription[Any]] = {}
         self._pipes: dict[str, _Pipeline] = {}
+        self._json: dict[str, bool] = {}             # session -> is it a JSON session?
+        self._ssl_context: ssl.SSLContext | None = None    # for HTTP requests beside a transport
         self._tg: anyio.abc.TaskGroup | None = None
 
     # ------------------------------------------------------------ public
@@ -1630,10 +1698,14 @@ class Client:
         ``"longpoll"``, or ``"custom"`` for a ``dial`` given to connect."""
         return self._dials[self._using][0]
 
-    def session(self, name: str) -> Session:
-        """A handle on session ``name`` (cheap; nothing is sent)."""
+    def session(self, name: str, *, json: bool | None = None) -> Session:
+        """A handle on session ``name`` (cheap; nothing is sent).  ``json``
+        says whether it is a JSON session (see Session.is_json); left out,
+        the client asks the broker when it first needs to know."""
         if type(name) is not str or not name:
             raise ValueError("a session name is a non-empty string")
+        if json is not None:
+            self._json[name] = bool(json)
         return Session(self, name)
 
     async def wait_for(self, *states: State) -> State:
@@ -1772,7 +1844,8 @@ class Client:
             return _Outcome(ClientError("connect_failed", str(exc) or type(exc).__name__))
         conn = Connection(transport)
         try:
-            await conn.hello(_frames.Hello(self.client_id, token), self._connect_timeout)
+            await conn.hello(_frames.Hello(self.client_id, token, self.presence_info),
+                             self._connect_timeout)
         except ClientError as exc:
             await transport.aclose()
             return _Outcome(exc)
@@ -2151,9 +2224,14 @@ class Subscription(Generic[T]):
 
     def __init__(self, client: Client, session: str, start: Cursor,
                  kinds: Sequence[int] | None, create: bool,
-                 convert: Callable[[Record], T | None]) -> None:
+                 convert: Callable[[Record], T | None], presence: bool = False,
+                 on_view: Callable[[_frames.View], None] | None = None) -> None:
         self.client = client
         self.session = session
+        self.presence = presence         # attached with presence: see presence_events
+        self.members: dict[str, Member] = {}   # the session's members as last heard, by id
+        self._changes: deque[PresenceEvent] = deque()  # for presence_events, bounded
+        self._changes_wake = anyio.Event()
         self.kinds = None if kinds is None else tuple(kinds)
         self.epoch = start.epoch
         self.up_to_date = False          # caught up once: read all that was durable at attach
@@ -2161,7 +2239,11 @@ class Subscription(Generic[T]):
         self._create = create
         self._convert = convert
         self._next: int | None = None    # where to attach again: past what was received
-        self._buffer: deque[Record | int] = deque()   # records, and up_to_date offsets
+        # Records, up_to_date offsets, and the view of an attach with one.
+        self._buffer: deque[Record | int | _frames.View] = deque()
+        self._on_view = on_view          # attach with a view first, and hand it here
+        self._viewing = False            # the attach in flight asked for a view
+        self._resolved = anyio.Event()   # attached once (or ended): see attached()
         self._held = 0                   # records in the buffer
         self._consumed = 0               # records yielded since credit was last granted
         self._end: BaseException | None = None        # raised once the buffer is empty
@@ -2202,6 +2284,22 @@ class Subscription(Generic[T]):
                         tb: TracebackType | None) -> None:
         await self.aclose()
 
+    async def attached(self) -> Cursor:
+        """Wait until the subscription is attached, so that ``"now"`` and
+        ``"-1"`` are resolved to an offset, and return its cursor: nothing
+        published after this returns is missed.  Raises as iterating would
+        if it ended first."""
+        if not self._closed:
+            await self._open()
+        await self._resolved.wait()
+        end = self._end
+        if end is not None and not isinstance(end, StopAsyncIteration):
+            raise end.with_traceback(None)
+        if self._next is None:
+            raise ClientError("subscription_closed", "the subscription was closed before it "
+                              "attached", self.session)
+        return Cursor(self._cursor if self._cursor >= 0 else self._next, self.epoch)
+
     def __aiter__(self) -> Subscription[T]:
         return self
 
@@ -2222,6 +2320,11 @@ class Subscription(Generic[T]):
                         # record still buffered (those come after ``item``).
                         self._cursor = max(self._cursor, item)
                         self.up_to_date = True
+                        continue
+                    if isinstance(item, _frames.View):
+                        self._cursor = max(self._cursor, item.next)
+                        if self._on_view is not None:
+                            self._on_view(item)
                         continue
                     self._held -= 1
                     self._consumed += 1
@@ -2246,6 +2349,8 @@ class Subscription(Generic[T]):
             return
         self._closed = True
         self._wake.set()
+        self._changes_wake.set()
+        self._resolved.set()
         await self._release()
 
     async def _release(self) -> None:
@@ -2265,6 +2370,39 @@ class Subscription(Generic[T]):
         if self._end is None:
             self._end = error
         self._wake.set()
+        self._changes_wake.set()
+        self._resolved.set()
+
+    # ------------------------------------------------------------ presence
+
+    def presence_events(self) -> PresenceEvents:
+        """The session's presence changes, for a subscription made with
+        ``presence=True`` (WebSocket only: over HTTP none come): a ``sync``
+        with the whole set first and after every reconnect, then ``join``
+        and ``leave``.  ``members`` always holds the set as last heard.  At
+        most 1,000 events wait for the caller; past that they are replaced
+        by one ``sync``.  Iteration ends with the subscription."""
+        if not self.presence:
+            raise ValueError("subscribe with presence=True to receive presence events")
+        return PresenceEvents(self)
+
+    def _on_presence(self, frame: _frames.Members | _frames.Join | _frames.Leave) -> None:
+        if isinstance(frame, _frames.Members):
+            self.members = {m.id: m for m in frame.members}
+            self._changes.clear()          # the whole set says all they said
+            event = PresenceEvent("sync", members=frame.members)
+        elif isinstance(frame, _frames.Join):
+            self.members[frame.member.id] = frame.member
+            event = PresenceEvent("join", frame.member)
+        else:
+            self.members.pop(frame.member.id, None)
+            event = PresenceEvent("leave", frame.member)
+        if len(self._changes) >= _MAX_PRESENCE_EVENTS:
+            # The caller does not keep up: what it missed is in the set.
+            self._changes.clear()
+            event = PresenceEvent("sync", members=tuple(self.members.values()))
+        self._changes.append(event)
+        self._changes_wake.set()
 
     # ------------------------------------------------------------ the pump's side
 
@@ -2281,12 +2419,17 @@ class Subscription(Generic[T]):
         if conn.has_route(self.session):
             return math.inf          # the previous subscription's detach is in flight
         offset = self._next if self._next is not None else self._cursor
+        # A view comes with the first attach, from where the view ends, and
+        # only over the WebSocket (an HTTP transport would read from "now").
+        view = self._on_view is not None and self._next is None \
+            and isinstance(conn.transport, WebSocketTransport)
         request_id = conn.next_id()
-        self._conn, self._attached = conn, False
+        self._conn, self._attached, self._viewing = conn, False, view
         self._consumed = 0
-        frame = _frames.Attach(request_id, self.session, offset, self.epoch, self.kinds,
-                               max(1, self.client.window - self._held),
-                               self._create and self._next is None)
+        frame = _frames.Attach(request_id, self.session, NOW if view else offset, self.epoch,
+                               self.kinds, max(1, self.client.window - self._held),
+                               self._create and self._next is None, presence=self.presence,
+                               view=view)
         await conn.send_request(frame, lambda a: self._on_attach(conn, a), self._on_frame)
         return math.inf
 
@@ -2301,10 +2444,14 @@ class Subscription(Generic[T]):
             self._failures = 0
             if self.epoch is None:
                 self.epoch = answer.epoch
-            if self._next is None:
+            # With a view, where it ends is the start; until the view is
+            # here, a cut means asking for it again.
+            if self._next is None and not self._viewing:
                 self._next = answer.offset
                 if self._cursor < 0:          # START or NOW, now resolved
                     self._cursor = answer.offset
+            if not self._viewing:
+                self._resolved.set()
             return
         if isinstance(answer, Event):
             self._conn = None
@@ -2326,7 +2473,14 @@ class Subscription(Generic[T]):
             return
         if self._closed:
             return
-        if isinstance(frame, Data):
+        if isinstance(frame, (_frames.Members, _frames.Join, _frames.Leave)):
+            self._on_presence(frame)
+            return
+        if isinstance(frame, _frames.View):
+            self._next, self._viewing = frame.next, False
+            self._buffer.append(frame)       # before the records after it, as it came
+            self._resolved.set()
+        elif isinstance(frame, Data):
             nxt = self._next if self._next is not None else 0
             for record in frame.records:
                 if record.offset >= nxt:     # never twice, whatever a server resends
@@ -2347,6 +2501,42 @@ class Subscription(Generic[T]):
             self._conn = None
             self._end = _client_error(frame)
         self._wake.set()
+        if self._end is not None:
+            self._changes_wake.set()
+
+
+_MAX_PRESENCE_EVENTS: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEvent:
+    """A change in a session's presence (``Subscription.presence_events``):
+    ``join`` or ``leave`` of ``member``, or ``sync``: ``members`` is the
+    whole set, which replaces what came before."""
+
+    action: str                            # join, leave or sync
+    member: Member | None = None           # for join and leave
+    members: tuple[Member, ...] = ()       # for sync
+
+
+class PresenceEvents:
+    """An async iterator of a subscription's PresenceEvents."""
+
+    def __init__(self, sub: Subscription[Any]) -> None:
+        self._sub = sub
+
+    def __aiter__(self) -> PresenceEvents:
+        return self
+
+    async def __anext__(self) -> PresenceEvent:
+        sub = self._sub
+        await sub._open()
+        while not sub._changes:
+            if sub._closed or sub._end is not None:
+                raise StopAsyncIteration
+            sub._changes_wake = anyio.Event()
+            await sub._changes_wake.wait()
+        return sub._changes.popleft()
 
 
 @dataclass(frozen=True, slots=True)
@@ -2456,15 +2646,38 @@ class Session:
 
     def subscribe(self, offset: int | str | Cursor = "-1", *, epoch: int | None = None,
                   kinds: Sequence[int] | None = None,
-                  create: bool = False) -> Subscription[Record]:
+                  create: bool = False, presence: bool = False) -> Subscription[Record]:
         """Records from ``offset`` on: ``"-1"`` (the oldest retained), ``"now"``,
         an integer, an HTTP offset, or a saved ``Cursor`` (or its text).  An
         ``epoch`` (or the cursor's) makes a resume into a re-created session
-        raise EpochChanged instead of reading the new session's records."""
+        raise EpochChanged instead of reading the new session's records.
+        With ``presence``, the subscription also keeps the session's
+        ``members`` and gives their changes (``presence_events``)."""
         start = _start_of(offset, epoch)
         _frames.Attach(0, self.name, start.offset, start.epoch,
                        None if kinds is None else tuple(kinds), None, create)
-        return Subscription(self.client, self.name, start, kinds, create, lambda record: record)
+        return Subscription(self.client, self.name, start, kinds, create, lambda record: record,
+                            presence=presence)
+
+    async def presence(self) -> list[Member]:
+        """Who is attached to the session now (docs/protocol.md, "Presence"):
+        WebSocket connections, SSE and long-poll readers, with their client
+        id, transport and info.  Asked on the current connection (any
+        transport); a connection lost meanwhile means asking on the next."""
+        client = self.client
+        failed: Connection | None = None
+        while True:
+            client._check_open()
+            conn = client.connection
+            if conn is None or conn is failed:
+                await client._state_changed.wait()
+                continue
+            try:
+                return await conn.presence(self.name)
+            except ClientError:
+                if conn._gone is None:
+                    raise            # a refusal: forbidden, session_not_found, ...
+                failed = conn
 
     def signals(self, offset: int | str | Cursor = "now", *,
                 epoch: int | None = None) -> Subscription[Signal]:
@@ -2480,7 +2693,9 @@ class Session:
         (new) and, if given, ``"signal": type`` and ``"ref": ref``.  It goes
         through the session's publish pipeline as a publish of kind 1, so it
         lands exactly once, in order with this client's other publishes; the
-        token needs ``signal`` on the session, as for the ``signal`` frame."""
+        token needs ``signal`` on the session, as for the ``signal`` frame.
+        The payload goes as given (a JSON session takes only JSON): the
+        typed signals below encode their text for the session."""
         full: dict[str, Any] = dict(meta or {})
         full["id"] = secrets.token_hex(8)
         if type is not None:
@@ -2490,132 +2705,391 @@ class Session:
         got = await self.publish([bytes(payload)], kind=1, meta=[full])
         return None if got is None else got.start
 
-    async def cancel(self, reason: str = "") -> int | None:
-        """Ask the agent to stop (signal type ``cancel``; the payload is the reason)."""
-        return await self.signal(reason.encode(), type="cancel")
+    # The typed signals and messages of the AI message model (docs/ai.md):
+    # their text goes by the session's payload rule, so they work on JSON
+    # sessions too.
+
+    async def cancel(self, reason: str = "", *, ref: str | None = None) -> int | None:
+        """Ask the agent to stop (signal ``cancel``; the payload is the
+        reason): the whole run, or with ``ref`` one message or tool call."""
+        return await self._publish_draft((await self._encoder()).cancel(ref, reason))
 
     async def approve(self, ref: str | None = None, *, approved: bool = True,
                       note: str = "") -> int | None:
-        """Answer an agent's request for approval (``ref`` names it)."""
-        return await self.signal(note.encode(), type="approve", ref=ref,
-                                 meta={"approved": approved})
+        """Answer a tool call that waits for approval (``ref`` is its id):
+        approve it, or with ``approved=False`` reject it."""
+        if ref is None:
+            raise ValueError("approve needs ref: the id of the tool call it answers")
+        return await self._publish_draft((await self._encoder()).approve(ref, approved, note))
 
     async def input(self, data: bytes | str, *, ref: str | None = None) -> int | None:
-        """Send human input to the agent (signal type ``input``)."""
-        return await self.signal(data.encode() if isinstance(data, str) else data,
-                                 type="input", ref=ref)
+        """Send human input to the agent (signal ``input``)."""
+        return await self._publish_draft((await self._encoder()).input(data, ref=ref))
 
-    def stream_message(self, *, kind: int = 0, meta: Mapping[str, Any] | None = None,
-                       linger: float = 0.02, max_bytes: int = 16 << 10) -> MessageStream:
-        """A message written piece by piece (model tokens), sent in parts:
-        see MessageStream."""
-        return MessageStream(self, kind, meta, linger, max_bytes)
+    async def send_message(self, text: str, *, role: str = "user", id: str | None = None,
+                           reply_to: str | None = None, create: bool = False) -> str:
+        """Publish a whole message in one record (a ``start`` with outcome
+        ``complete``), as a user's device does; returns its id once durable."""
+        mid = id if id is not None else _convo.new_id("m")
+        draft = (await self._encoder()).message(mid, role, text, reply_to=reply_to)
+        await self._publish_draft(draft, create)
+        return mid
+
+    def stream_message(self, *, role: str | None = None, id: str | None = None,
+                       reply_to: str | None = None, meta: Mapping[str, Any] | None = None,
+                       window: float = 0.030, max_bytes: int = 16 << 10) -> MessageStream:
+        """A message written piece by piece (model tokens): see MessageStream."""
+        return MessageStream(self, role=role, id=id, reply_to=reply_to, meta=meta,
+                             window=window, max_bytes=max_bytes)
+
+    def conversation(self) -> Conversation:
+        """The session's AI conversation as whole messages, kept up to date:
+        see Conversation."""
+        return Conversation(self)
+
+    async def is_json(self) -> bool:
+        """Whether this is a JSON session (content type ``application/json``),
+        whose text payloads are JSON strings (docs/ai.md, "Payloads").  The
+        typed signals, ``send_message``, ``stream_message`` and
+        ``conversation`` write and read text by it.
+
+        ``Client.session(name, json=...)`` says it; else the client asks
+        once (a HEAD over the broker's HTTP API, which the WebSocket does not
+        tell) and keeps the answer.  A session that does not exist yet counts
+        as binary, what ``create=True`` makes, and so does one the client
+        cannot ask about (no HTTP API behind the URL, a token that may not
+        read it)."""
+        known = self.client._json.get(self.name)
+        return await self._ask_json() if known is None else known
+
+    async def _ask_json(self) -> bool:
+        client = self.client
+        base = _http_base(client.url)
+        if base is None or importlib.util.find_spec("httpx") is None:
+            client._json[self.name] = False
+            return False
+        import httpx
+        url = f"{base}/v1/stream/{quote(self.name, safe='/:@+=,~-._')}"
+        for attempt in itertools.count():
+            client._check_open()
+            token = await client._token_now()
+            headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+            try:
+                async with httpx.AsyncClient(verify=client._ssl_context or True,
+                                             timeout=client._connect_timeout) as http:
+                    resp = await http.head(url, headers=headers)
+                if resp.status_code < 500 and resp.status_code not in _HTTP_RETRY_STATUSES:
+                    break
+            except (httpx.HTTPError, OSError):
+                pass                     # a cut, or the broker restarting: as for a connection
+            await anyio.sleep(client.backoff.delay(attempt, client._rng))
+        is_json = resp.status_code == 200 \
+            and media_type(resp.headers.get("content-type", "")) == "application/json"
+        if resp.status_code != 404:      # one that does not exist yet may be made either way
+            client._json[self.name] = is_json
+        return is_json
+
+    async def _encoder(self) -> _convo.Encoder:
+        return _convo.Encoder(json=await self.is_json())
+
+    async def _publish_draft(self, draft: _convo.Draft, create: bool = False) -> int | None:
+        got = await self.publish([draft.payload], kind=draft.kind, meta=[draft.meta],
+                                 create=create)
+        return None if got is None else got.start
 
 
 class MessageStream:
-    """A message streamed as it is produced::
+    """A message of the AI message model, streamed as it is produced::
 
         async with session.stream_message() as m:
             async for token in model_stream:
                 await m.append(token)
 
-    Appends are gathered for ``linger`` seconds, or until ``max_bytes``, and
-    each flush publishes one record of the bytes gathered (so 200 tokens a
-    second make about 50 records, not 200), pipelined: ``append`` does not
-    wait for acks.  Every part's meta is ``{"stream": id, "part": n}``, the
-    first one's also holds ``meta``; the last part has ``"end": true`` (and
-    ``"aborted": true`` if the block raised).  Leaving the block waits until
-    every part is durable and raises the first failure; ``offsets`` then
-    holds each part's offsets."""
+    Entering publishes the message's ``start`` (kind 2; meta ``id``,
+    ``role``, ``reply_to`` if given, and any extra ``meta``).  Appends are
+    gathered by a ``_convo.Coalescer`` for ``window`` seconds from the first
+    of a batch, or until ``max_bytes``, and each batch is published as one
+    ``delta`` (kind 3, meta ``{"id"}``), pipelined: ``append`` does not wait
+    for acks, and 200 tokens a second make about 34 records, not 200.
+    Leaving publishes the ``end`` (kind 4) holding what is still gathered,
+    with the outcome: ``complete``; ``cancelled`` if the block was
+    cancelled; ``error`` if it raised (``error`` then says what).  Text goes
+    by the session's payload rule (Session.is_json).
 
-    def __init__(self, session: Session, kind: int, meta: Mapping[str, Any] | None,
-                 linger: float, max_bytes: int) -> None:
+    A normal exit waits until every record is durable and raises the first
+    failure.  An exit by exception queues the end without waiting (the block
+    may be cancelled) and lets the exception go on; ``wait()`` waits later.
+    ``offsets`` then holds each record's offsets, ``records`` how many there
+    are, ``appends`` how many appends made them, and ``text`` the whole
+    text."""
+
+    def __init__(self, session: Session, *, role: str | None, id: str | None,
+                 reply_to: str | None, meta: Mapping[str, Any] | None, window: float,
+                 max_bytes: int) -> None:
+        extra = dict(meta or {})
         self.session = session
-        self.id = secrets.token_hex(8)
-        self.kind = kind
+        self.id = id if id is not None else _convo.new_id("m")
+        self.role = role if role is not None else str(extra.get("role", "assistant"))
+        self.reply_to = reply_to
+        self.outcome: str | None = None          # once the block has ended
+        self.error: str | None = None
         self.offsets: list[range | None] = []
-        self._meta = dict(meta or {})
-        self._linger = linger
-        self._max_bytes = max_bytes
-        self._buf = bytearray()
-        self._parts: list[_Entry] = []
-        self._lock = anyio.Lock()
-        self._pending = anyio.Event()
-        self._scope = anyio.CancelScope()        # the flusher's
-        self._error: ClientError | None = None   # a flush the flusher could not make
+        self.appends = 0
+        self._extra = extra                       # more start meta; the model's keys win
+        self._encoder = _convo.Encoder()          # for the session's rule, once entered
+        self._encoder.start(self.id, self.role, reply_to=reply_to)   # checks them here
+        self._coalescer = _convo.Coalescer(window, max_bytes)
+        self._data = bytearray()                  # everything appended
+        self._entries: list[_Entry] = []          # its records, in order
+        self._due = anyio.Event()                 # a batch opened: the timer has a deadline
+        self._scope = anyio.CancelScope()         # the timer's
+        self._failure: ClientError | None = None  # a batch the timer could not queue
         self._ended = False
+
+    @property
+    def text(self) -> str:
+        return self._data.decode("utf-8", "replace")
+
+    @property
+    def records(self) -> int:
+        return len(self._entries)
 
     async def __aenter__(self) -> MessageStream:
         client = self.session.client
         client._check_open()
+        self._encoder = await self.session._encoder()
+        start = self._encoder.start(self.id, self.role, reply_to=self.reply_to)
+        await self._pipe().wait_for_room()
+        self._send(start.kind, {**self._extra, **start.meta}, start.payload)
         assert client._tg is not None
-        client._tg.start_soon(self._flusher)
+        client._tg.start_soon(self._timer)
         return self
 
     async def append(self, delta: bytes | str) -> None:
+        """Add text (``str``, or UTF-8 ``bytes``); it goes out within the window."""
         if self._ended:
             raise ClientError("stream_ended", "append after the message ended", self.session.name)
-        if self._error is not None:
-            raise self._error.with_traceback(None)
-        self._buf += delta.encode() if isinstance(delta, str) else delta
-        if len(self._buf) >= self._max_bytes:
-            await self.flush()
-        else:
-            self._pending.set()
+        if self._failure is not None:
+            raise self._failure.with_traceback(None)
+        if not delta:
+            return
+        await self._pipe().wait_for_room()
+        # From here on nothing awaits: a batch is taken from the coalescer
+        # only as it is queued, so batches keep their order (the timer takes
+        # them too) and a cancelled append loses nothing.
+        data = delta.encode() if isinstance(delta, str) else bytes(delta)
+        self._data += data
+        self.appends += 1
+        for batch in self._coalescer.push(anyio.current_time(), data):
+            self._send_delta(batch.data)
+        self._due.set()
 
     async def flush(self) -> None:
-        """Send what was appended now, without waiting for ``linger``."""
-        async with self._lock:
-            if self._buf:
-                await self._part({}, True)
+        """Send what is gathered now, without waiting for the window."""
+        await self._pipe().wait_for_room()
+        batch = self._coalescer.flush(anyio.current_time())
+        if batch is not None:
+            self._send_delta(batch.data)
 
-    async def _part(self, extra: dict[str, Any], wait_for_room: bool) -> None:
-        pipe = self.session.client._pipe(self.session.name)
-        if wait_for_room:
-            await pipe.wait_for_room()
-        # From here on nothing awaits: a part is taken from the buffer only
-        # when it is queued, so a cancelled flush loses nothing.
-        meta = {"stream": self.id, "part": len(self._parts), **extra}
-        if not self._parts:
-            meta = {**self._meta, **meta}
-        entry = self.session._entry([bytes(self._buf)], self.kind, [meta], False)
-        pipe.enqueue(entry)
-        self._buf = bytearray()
-        self._parts.append(entry)
-
-    async def _flusher(self) -> None:
-        with self._scope:
+    async def wait(self) -> None:
+        """Wait until every record queued so far is durable (``offsets``
+        then holds them); raises the first failure."""
+        error = self._failure
+        offsets: list[range | None] = []
+        for entry in self._entries:
             try:
-                while True:
-                    await self._pending.wait()
-                    await anyio.sleep(self._linger)
-                    self._pending = anyio.Event()
-                    await self.flush()
+                offsets.append(await entry.wait())
             except ClientError as exc:
-                self._error = exc
+                offsets.append(None)
+                error = error or exc
+        self.offsets = offsets
+        if error is not None:
+            raise error
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         self._ended = True
         self._scope.cancel()
-        if et is not None:
-            # Mark the message as cut short, without waiting: we may be cancelled.
+        if et is None:
+            outcome, error = _convo.COMPLETE, None
+            await self._pipe().wait_for_room()
+        elif issubclass(et, anyio.get_cancelled_exc_class()):
+            outcome, error = _convo.CANCELLED, None
+        else:
+            outcome, error = _convo.ERROR, _describe(e)
+        self.outcome, self.error = outcome, error
+        last = self._coalescer.flush(anyio.current_time())
+        end = self._encoder.end(self.id, outcome=outcome, error=error)
+        try:
+            self._send(end.kind, end.meta, self._text(last.data if last is not None else b""))
+        except ClientError:
+            if et is None:
+                raise
+            return                      # the client is closed: the caller's error goes on
+        if et is None:
+            await self.wait()
+
+    async def _timer(self) -> None:
+        """Send each batch when its window has passed."""
+        pipe = self._pipe()
+        with self._scope:
             try:
-                await self._part({"end": True, "aborted": True}, False)
-            except ClientError:
-                pass
-            return
-        async with self._lock:
-            await self._part({"end": True}, True)
-        error = self._error
-        for entry in self._parts:
-            try:
-                self.offsets.append(await entry.wait())
+                while True:
+                    deadline = self._coalescer.deadline()
+                    if deadline is None:
+                        self._due = anyio.Event()
+                        await self._due.wait()
+                        continue
+                    await anyio.sleep_until(deadline)
+                    await pipe.wait_for_room()
+                    batch = self._coalescer.poll(anyio.current_time())
+                    if batch is not None:
+                        self._send_delta(batch.data)
             except ClientError as exc:
-                self.offsets.append(None)
-                error = error or exc
-        if error is not None:
-            raise error
+                self._failure = exc
+
+    def _pipe(self) -> _Pipeline:
+        return self.session.client._pipe(self.session.name)
+
+    def _text(self, data: bytes) -> bytes:
+        # A JSON string must hold whole characters; a batch of bytes
+        # appended in pieces may not.
+        return self._encoder.text(data.decode("utf-8", "replace") if self._encoder.json else data)
+
+    def _send_delta(self, data: bytes) -> None:
+        self._send(_convo.Kind.DELTA.value, {"id": self.id}, self._text(data))
+
+    def _send(self, kind: int, meta: dict[str, Any], payload: bytes) -> None:
+        entry = self.session._entry([payload], kind, [meta], False)
+        self._pipe().enqueue(entry)
+        self._entries.append(entry)
+
+
+def _describe(exc: BaseException | None) -> str:
+    """An exception as the ``error`` of a message or tool call: its type and message."""
+    if exc is None:
+        return "error"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:500]
+
+
+# ---------------------------------------------------------------- conversations
+
+class Conversation:
+    """A session's AI conversation (docs/ai.md), kept up to date: the fold
+    (``_convo.Conversation``) of its records, fed by a subscription::
+
+        async with session.conversation() as convo:
+            view = await convo.wait(lambda v: v.messages and not v.messages[-1].open)
+            for m in view.messages:
+                print(m.role, m.text)
+
+    Over the WebSocket it attaches with a view: the broker sends the
+    conversation so far as whole messages (a snapshot exact at an offset)
+    and then the records from that offset, so a late joiner does not read
+    every delta again.  Over HTTP it folds the log from its start.  Either
+    way it then folds each record as it arrives, across reconnects, so
+    ``view()`` is always a fold of the log up to ``view().next``.  A session
+    deleted and created again starts a fresh fold.  It holds the client's one
+    subscription to the session.
+
+    ``records`` counts the records folded here, ``views`` the views it
+    started from."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.records = 0
+        self.views = 0
+        self._fold: _convo.Conversation | None = None    # None until the first view or record
+        self._changed = anyio.Event()
+        self._scope = anyio.CancelScope()                 # the reader's
+        self._finished = anyio.Event()                    # the reader has detached
+        self._failure: ClientError | None = None          # why reading stopped
+
+    @property
+    def fold(self) -> _convo.Conversation | None:
+        """The fold itself (None before anything was read)."""
+        return self._fold
+
+    def view(self) -> _convo.View:
+        """The conversation as folded so far; ``next`` says how far."""
+        return (self._fold or _convo.Conversation()).view()
+
+    async def wait(self, until: Callable[[_convo.View], Any]) -> _convo.View:
+        """Wait until ``until(view)`` is true; returns that view.  Raises
+        why reading stopped if it stops first: ``session_closed`` (closed and
+        read to its end), a refusal, or a closed client."""
+        while True:
+            changed = self._changed
+            view = self.view()
+            if until(view):
+                return view
+            if self._failure is not None:
+                raise self._failure.with_traceback(None)
+            await changed.wait()
+
+    async def __aenter__(self) -> Conversation:
+        client = self.session.client
+        client._check_open()
+        assert client._tg is not None
+        client._tg.start_soon(self._read)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading (detaching on the server); ``view()`` stays as it was."""
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._finished.wait()
+
+    async def _read(self) -> None:
+        """Fold until the block ends.  Runs in the client's task group, so it
+        never raises: what stops it is kept for ``wait``."""
+        name = self.session.name
+        with self._scope:
+            try:
+                while True:
+                    sub: Subscription[Record] = Subscription(
+                        self.session.client, name, Cursor(START), None, False,
+                        lambda record: record, on_view=self._restore)
+                    try:
+                        async for record in sub:
+                            if self._fold is None:
+                                self._fold = _convo.Conversation(
+                                    json=await self.session.is_json())
+                            self._fold.apply_record(record)
+                            self.records += 1
+                            self._notify()
+                        raise ClientError("session_closed", "the session was closed and read "
+                                          "to its end", name)
+                    except EpochChanged:
+                        self._fold = None          # another session now: fold it afresh
+                        self._notify()
+                    finally:
+                        # Detach even when cancelled: a detach left unsent
+                        # would hold the session's route on this connection.
+                        with anyio.CancelScope(shield=True):
+                            await sub.aclose()
+            except ClientError as exc:
+                self._failure = exc
+            except ValueError as exc:              # a view that is not a snapshot
+                self._failure = ClientError("bad_view", str(exc), name)
+            finally:
+                self._notify()
+                self._finished.set()
+
+    def _restore(self, frame: _frames.View) -> None:
+        self._fold = _convo.Conversation.from_snapshot(frame.view)
+        self.session.client._json.setdefault(self.session.name, self._fold.json)
+        self.views += 1
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
 
 # ---------------------------------------------------------------- connect
@@ -2627,7 +3101,8 @@ async def connect(url: str, *, token: TokenSource = None, client_id: str | None 
                   max_retry_wait: float = 60.0, dial: Dial | None = None,
                   transports: Sequence[str] = ("ws", "sse", "longpoll"),
                   read_timeout: float = 75.0,
-                  rng: random.Random | None = None) -> AsyncIterator[Client]:
+                  rng: random.Random | None = None,
+                  presence_info: Mapping[str, Any] | None = None) -> AsyncIterator[Client]:
     """Run a Client for the block: it connects, and reconnects whenever the
     connection drops, until the block ends.
 
@@ -2646,6 +3121,8 @@ async def connect(url: str, *, token: TokenSource = None, client_id: str | None 
     that fails to open twice in a row while the broker still answers plain
     HTTP is given up for the next; ``Client.transport`` says which is in
     use.  ``read_timeout`` is how long an HTTP read may hear nothing.
+    ``presence_info`` (a small flat map, e.g. ``{"role": "agent"}``) is what
+    this client shows in the presence of the sessions it subscribes to.
 
     Entering waits for the first connection; it raises the error if that
     can never succeed (a refused token, a bad URL, a certificate that does
@@ -2673,7 +3150,9 @@ async def connect(url: str, *, token: TokenSource = None, client_id: str | None 
         _http_answers, base, ssl_context, connect_timeout)
     c = Client(url, token=token, client_id=client_id, dial=dials,
                backoff=backoff or Backoff(), connect_timeout=connect_timeout, window=window,
-               max_retry_wait=max_retry_wait, rng=rng, http_answers=answers)
+               max_retry_wait=max_retry_wait, rng=rng, http_answers=answers,
+               presence_info=presence_info)
+    c._ssl_context = ssl_context
     failed: ClientError | None = None
     try:
         async with anyio.create_task_group() as tg:

@@ -47,6 +47,11 @@ MAX_MESSAGE_LEN = 300          # what an error message may grow to
 ALLOC_PER_BYTE, ALLOC_BASE = 100, 64 * 1024
 
 
+def _empty_view() -> Any:
+    from broker._convo import Conversation     # as the frames: absent from older versions
+    return F.View("s", 0, Conversation().to_snapshot())
+
+
 def _builders() -> list[Callable[[], Any]]:
     P = F.Producer("p", 1, 2)
     return [
@@ -66,6 +71,14 @@ def _builders() -> list[Callable[[], Any]]:
         lambda: F.Attach(11, "s", F.START), lambda: F.Attach(12, "s", F.NOW),
         # Frames added since; skipped where this version of the codec lacks them.
         lambda: F.Refresh(13, "tok"), lambda: F.Refreshed(13, 60.0), lambda: F.Expiring(5),
+        lambda: F.Hello("agent", None, {"role": "agent", "n": 1}),
+        lambda: F.Attach(14, "s", presence=True, hidden=True, info={"device": "tv"}),
+        lambda: F.Presence(15, "s"),
+        lambda: F.Members("s", (F.Member("c1", "ui", "ws", 5, {"k": "v"}),), 15),
+        lambda: F.Join("s", F.Member("sse-a-1", "anon", "sse", 0)),
+        lambda: F.Leave("s", F.Member("lp-a-2", "bob", "longpoll", 7, {"x": 1.5})),
+        lambda: F.Attach(16, "s", view=True),
+        _empty_view,
     ]
 
 

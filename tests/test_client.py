@@ -246,24 +246,27 @@ async def test_a_long_retry_after_is_raised(tmp_path: Path) -> None:
 
 
 async def test_stream_message_batches_tokens(served: Served) -> None:
+    """A message of the AI model (docs/ai.md): a start, deltas, an end."""
     tokens = [f"tok{i} " for i in range(1000)]
     async with connect(served.ws_url) as c:
         s = c.session("s")
         await s.publish(b"question", create=True)
-        # linger is long, so only max_bytes makes parts: the split is exact.
-        async with s.stream_message(meta={"role": "assistant"}, max_bytes=256,
-                                    linger=3600) as m:
+        # The window is long, so only max_bytes makes deltas: the split is exact.
+        async with s.stream_message(meta={"role": "assistant", "lang": "en"}, max_bytes=256,
+                                    window=3600) as m:
             for token in tokens:
                 await m.append(token)
         records = [r async for r in _take(s.subscribe(1), len(m.offsets))]
     assert [o for o in m.offsets] == [range(r.offset, r.offset + 1) for r in records]
-    assert b"".join(r.payload for r in records).decode() == "".join(tokens)
-    assert 10 < len(records) <= len("".join(tokens)) // 256 + 1
-    assert [r.meta["part"] for r in records] == list(range(len(records)))
-    assert {r.meta["stream"] for r in records} == {m.id}
-    assert records[0].meta["role"] == "assistant" and "role" not in records[1].meta
-    assert [r.meta.get("end", False) for r in records] == [False] * (len(records) - 1) + [True]
-    assert all(len(r.payload) >= 256 for r in records[:-1])
+    assert b"".join(r.payload for r in records).decode() == "".join(tokens) == m.text
+    assert 10 < len(records) - 2 <= len("".join(tokens)) // 256 + 1
+    assert [r.kind for r in records] == [2] + [3] * (len(records) - 2) + [4]
+    assert records[0].meta == {"id": m.id, "role": "assistant", "lang": "en"}
+    assert records[0].payload == b""
+    assert {r.meta["id"] for r in records} == {m.id} and m.id.startswith("m_")
+    assert records[-1].meta == {"id": m.id, "outcome": "complete"}
+    assert all(len(r.payload) >= 256 for r in records[1:-1])
+    assert (m.appends, m.records, m.outcome) == (1000, len(records), "complete")
 
 
 async def _take(sub: client.Subscription[Any], n: int) -> Any:
@@ -272,24 +275,43 @@ async def _take(sub: client.Subscription[Any], n: int) -> Any:
             yield await sub.__anext__()
 
 
-async def test_stream_message_flushes_after_linger_and_marks_an_abort(served: Served) -> None:
+async def test_stream_message_flushes_after_the_window_and_marks_an_error(
+        served: Served) -> None:
     async with connect(served.ws_url) as c:
         s = c.session("s")
         await served.broker.create("s")
         sub = s.subscribe()
         with pytest.raises(KeyError):
-            async with s.stream_message(linger=0.005) as m:
+            async with s.stream_message(role="assistant", window=0.005) as m:
+                start = await sub.__anext__()
+                assert (start.kind, start.meta) == (2, {"id": m.id, "role": "assistant"})
                 await m.append(b"Hel")
-                part = await sub.__anext__()       # sent by the timer, the block still open
-                assert (part.payload, part.meta) == (b"Hel", {"stream": m.id, "part": 0})
+                delta = await sub.__anext__()      # sent by the timer, the block still open
+                assert (delta.kind, delta.payload, delta.meta) == (3, b"Hel", {"id": m.id})
                 await m.append(b"lo")
                 raise KeyError("the model failed")
-        rest = [await sub.__anext__()]
-        while not rest[-1].meta.get("end"):
-            rest.append(await sub.__anext__())
-        assert rest[-1].meta == {"stream": m.id, "part": len(rest), "end": True,
-                                 "aborted": True}
-        assert b"".join(r.payload for r in rest) == b"lo"
+        end = await sub.__anext__()
+        assert (end.kind, end.payload) == (4, b"lo")   # what was gathered goes in the end
+        assert end.meta == {"id": m.id, "outcome": "error",
+                            "error": "KeyError: 'the model failed'"}
+        await m.wait()
+        assert [o.start for o in m.offsets if o is not None] == [0, 1, 2]
+
+
+async def test_stream_message_cancelled_ends_cancelled(served: Served) -> None:
+    async with connect(served.ws_url) as c:
+        s = c.session("s")
+        await served.broker.create("s")
+        with trio.CancelScope() as scope:
+            async with s.stream_message(window=3600) as m:
+                await m.append("partial")
+                scope.cancel()
+                await trio.sleep_forever()
+        await m.wait()
+        records = [r async for r in _take(s.subscribe(0), 2)]
+    assert [(r.kind, r.payload, r.meta) for r in records] == [
+        (2, b"", {"id": m.id, "role": "assistant"}),
+        (4, b"partial", {"id": m.id, "outcome": "cancelled"})]
 
 
 # ---------------------------------------------------------------- signals

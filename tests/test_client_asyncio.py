@@ -61,7 +61,7 @@ def test_the_core_under_asyncio(port: int) -> None:
                 (0, b"Hel", "agent"), (1, b"lo", "agent")]
             saved = str(sub.cursor)
             await sub.aclose()
-            async with a.stream_message(linger=0.005) as m:
+            async with a.stream_message(window=0.005) as m:
                 for t in ("a ", "token ", "stream"):
                     await m.append(t)
             signals = a.signals(offset=m.offsets[-1].stop)
@@ -77,7 +77,7 @@ def test_the_core_under_asyncio(port: int) -> None:
                 parts.append(await sub.__anext__())
             assert parts[0].offset == 2
             assert b"".join(p.payload for p in parts[:-1]) == b"a token stream"
-            assert parts[-2].meta["end"] is True
+            assert (parts[-2].kind, parts[-2].meta["outcome"]) == (4, "complete")
     run(scenario)
 
 

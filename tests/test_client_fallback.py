@@ -73,16 +73,17 @@ async def test_each_transport_reads_publishes_and_signals(served: Served,
             sig = await sigs.__anext__()
         assert (sig.offset, sig.payload, sig.record.kind) == (3, b"stop", 1)
         assert sig.type == "cancel"             # meta travels in Broker-Meta over HTTP
-        # A streamed message: its parts in order, their offsets returned.
+        # A streamed message: its records in order, their offsets returned.
         async with s.stream_message() as m:
             for token in ("Hel", "lo ", "world"):
                 await m.append(token)
                 await m.flush()
-        # Every part, the empty closing one too (a records body over HTTP).
-        parts = 4
+        # Every record, the empty start and end too (a records body over HTTP).
+        parts = 5
         assert [o.start for o in m.offsets if o is not None] == list(range(4, 4 + parts))
         rest = await take(sub, 1 + parts)
         assert [r.offset for r in rest] == list(range(3, 4 + parts))
+        assert [r.kind for r in rest[1:]] == [2, 3, 3, 3, 4]
         assert b"".join(r.payload for r in rest[1:]) == b"Hello world"
         # The agent's side: signals from another client (one subscription
         # per session and client, so the reader above goes first).

@@ -19,6 +19,8 @@ from broker._frames import (
     Hello, Ping, Pong, Producer, Publish, Record, Refresh, Refreshed, Signal, UpToDate, Welcome,
     decode, encode, parse_offset,
 )
+from broker._frames import View
+from broker._frames import Join, Leave, Member, Members, Presence
 from broker._handshake import (
     SUBPROTOCOL, HandshakeError, accept_key, check_server_response, client_request,
     server_handshake,
@@ -26,6 +28,7 @@ from broker._handshake import (
 from broker._session import NOW, START
 
 P = Producer("p-1", 2, 7)
+M = Member("c17", "phone", "ws", 1_700_000_000_000_000, {"role": "user", "n": 2, "on": True})
 
 FRAMES = [
     Hello(), Hello("agent-1", "secret"),
@@ -52,6 +55,19 @@ FRAMES = [
     Refresh(16, "eyJ.x.y"), Refreshed(16), Refreshed(17, 3599.5), Expiring(60), Expiring(0.25),
     Welcome(1, "u" * 256, "c", 25, 10, ttl=120.0), Welcome(1, "a", "c", 1, 10, ttl=0),
     Error("rate_limited", "slow down", "chat", 18, retry_after=0.5),
+    Attach(19, "chat", view=True), Attach(20, "chat", epoch=3, kinds=(0, 1, 2, 3, 4, 5, 6, 7),
+                                         view=True),
+    View("chat", 0, {"v": 1, "json": False, "next": 0, "items": [], "signals": [],
+                     "states": [], "anomalies": []}),
+    View("chat", 12, {"v": 1, "json": True, "next": 12, "start": 4, "items": [
+        ["m", "m1", "assistant", "agent", 5, b"Hel\xc3\xa9", None, None, None, None, None]],
+        "signals": [], "states": [[6, "agent", "writing", "m1", b""]],
+        "anomalies": [["unknown_id", 1]]}),
+    Hello("agent-1", None, {"role": "agent", "x": None, "f": 1.5}),
+    Attach(21, "chat", presence=True), Attach(22, "chat", hidden=True, info={"device": "tv"}),
+    Presence(23, "chat"),
+    Members("chat", ()), Members("chat", (M, Member("sse-a-1", "anon-sse-a-1", "sse", 0)), 23),
+    Join("chat", M), Leave("chat", Member("lp-a-2", "bob", "longpoll", 5)),
 ]
 
 
@@ -97,6 +113,21 @@ def test_every_frame_type_is_covered() -> None:
                                                "message": "m", "s": "s", "id": 4,
                                                "retry_after": 1.5}),
     (Event("s", "epoch_changed", 2), {"t": "event", "s": "s", "e": "epoch_changed", "epoch": 2}),
+    (Attach(1, "s", view=True), {"t": "attach", "id": 1, "s": "s", "view": True}),
+    (Attach(1, "s", presence=True, hidden=True, info={"a": 1}),
+     {"t": "attach", "id": 1, "s": "s", "presence": True, "hidden": True, "info": {"a": 1}}),
+    (Attach(1, "s", info={}), {"t": "attach", "id": 1, "s": "s"}),
+    (Hello(info={"role": "agent"}), {"t": "hello", "info": {"role": "agent"}}),
+    (Presence(2, "s"), {"t": "presence", "id": 2, "s": "s"}),
+    (Members("s", (), 2), {"t": "members", "s": "s", "members": [], "id": 2}),
+    (Join("s", M), {"t": "join", "s": "s", "member": {
+        "id": "c17", "client": "phone", "transport": "ws", "since": 1_700_000_000_000_000,
+        "info": {"role": "user", "n": 2, "on": True}}}),
+    (Leave("s", Member("x", "y", "sse", 3)),
+     {"t": "leave", "s": "s", "member": {"id": "x", "client": "y", "transport": "sse",
+                                          "since": 3}}),
+    (View("s", 3, {"next": 3, "x": b"y"}), {"t": "view", "s": "s", "next": 3,
+                                            "v": {"next": 3, "x": b"y"}}),
     (Data("s", (Record(0, 5, 1, b"p"), Record(1, 5, 0, b"q", "me"),
                 Record(2, 5, 0, b"r", None, None, P))),
      {"t": "data", "s": "s", "r": [[0, 5, 1, None, b"p"], [1, 5, 0, ["me"], b"q"],
@@ -141,6 +172,18 @@ def test_server_data_frames_decode_as_the_codec_says() -> None:
     assert decode(body) == Data("chat", (
         Record(7, 99, 0, b"a", "agent", {"k": 1}, Producer("p", 0, 3)),
         Record(8, 99, 1, b"bb")))
+
+
+def test_a_view_frame_carries_a_conversation_snapshot() -> None:
+    from broker._convo import Conversation, Encoder
+
+    enc, conv = Encoder(), Conversation()
+    for offset, d in enumerate([enc.message("u1", "user", "hi"), enc.start("m1", text="Hel"),
+                                enc.delta("m1", "l\u00f6"), enc.tool_call("c1", "t", {"a": 1})]):
+        conv.apply(offset, d.kind, "agent", d.meta, d.payload)
+    frame = decode(encode(View("chat", conv.next, conv.to_snapshot())))
+    assert isinstance(frame, View) and frame.next == 4
+    assert Conversation.from_snapshot(frame.view).view() == conv.view()
 
 
 def test_lists_are_frozen_into_tuples() -> None:
@@ -207,6 +250,24 @@ BAD_MAPS: list[tuple[dict[str, Any], str]] = [
     (with_(ATT, offset=True), "bad_offset"),
     (with_(ATT, offset=1.5), "bad_offset"),
     (with_(ATT, offset="0000000000000001_0000000000000000"), "bad_offset"),
+    (with_(ATT, view=1), "bad_frame"),
+    (with_(ATT, view="yes"), "bad_frame"),
+    (with_(ATT, presence=1), "bad_frame"),
+    (with_(ATT, hidden="yes"), "bad_frame"),
+    (with_(ATT, info=[1]), "bad_frame"),
+    (with_(ATT, info={"": 1}), "bad_frame"),
+    (with_(ATT, info={"k" * 65: 1}), "bad_frame"),
+    (with_(ATT, info={str(i): i for i in range(17)}), "bad_frame"),
+    (with_(ATT, info={"k": "v" * 257}), "bad_frame"),
+    (with_(ATT, info={"k": {"nested": 1}}), "bad_frame"),
+    (with_(ATT, info={"k": [1]}), "bad_frame"),
+    (with_(ATT, info={"k": b"bytes"}), "bad_frame"),
+    (with_(ATT, info={"k": 1 << 53}), "bad_frame"),
+    (with_(ATT, info={"k": float("nan")}), "bad_frame"),
+    (with_(ATT, info={1: "v"}), "bad_frame"),
+    ({"t": "presence", "id": 7, "s": "chat", "x": 1}, "ok"),
+    ({"t": "presence", "id": 7, "s": "chat", "since": "now"}, "ok"),
+    ({"t": "presence", "s": "chat", "id": 7, "kinds": None}, "ok"),
     ({"t": "detach", "id": 7, "s": "chat", "x": 1, "extra": [1]}, "ok"),
     ({"t": "signal", "id": 7, "s": "chat", "r": [b"a"]}, "bad_frame"),
     ({"t": "credit", "s": "chat", "n": 0}, "bad_frame"),
@@ -223,6 +284,10 @@ BAD_ANONYMOUS: list[tuple[dict[str, Any], str]] = [
     ({"t": "hello", "client": "x" * 257}, "bad_frame"),
     ({"t": "hello", "client": 5}, "bad_frame"),
     ({"t": "hello", "token": b"tok"}, "bad_frame"),
+    ({"t": "hello", "info": {"k": {"deep": [1]}}}, "bad_frame"),
+    ({"t": "hello", "info": "role=agent"}, "bad_frame"),
+    ({"t": "presence"}, "bad_frame"),
+    ({"t": "presence", "s": 5, "id": "1"}, "bad_frame"),
     ({"t": "welcome", "v": 0, "client": "c", "conn": "k", "heartbeat": 1, "max_message": 1},
      "bad_frame"),
     ({"t": "welcome", "v": 1, "client": "c", "conn": "k", "heartbeat": 0, "max_message": 1},
@@ -276,6 +341,23 @@ def test_bad_frame_without_a_request(m: dict[str, Any], code: str) -> None:
     {"t": "event", "s": "chat", "e": "epoch_changed"},
     {"t": "event", "s": "chat", "e": "closed", "epoch": 1},
     {"t": "up_to_date", "s": "chat", "next": -1},
+    {"t": "view", "s": "chat", "next": 3},
+    {"t": "view", "s": "chat", "next": 3, "v": [1]},
+    {"t": "view", "s": "chat", "next": 3, "v": {"next": 4}},
+    {"t": "view", "s": "chat", "next": -1, "v": {"next": -1}},
+    {"t": "members", "s": "chat"},
+    {"t": "members", "s": "chat", "members": {"id": "x"}},
+    {"t": "members", "s": "chat", "members": [["x", "y", "ws", 0]]},
+    {"t": "members", "s": "chat", "members": [{"id": "x", "client": "y", "transport": "ws"}]},
+    {"t": "join", "s": "chat"},
+    {"t": "join", "s": "chat", "member": {"id": "", "client": "y", "transport": "ws",
+                                          "since": 0}},
+    {"t": "join", "s": "chat", "member": {"id": "x", "client": "y", "transport": "udp",
+                                          "since": 0}},
+    {"t": "leave", "s": "chat", "member": {"id": "x", "client": "y", "transport": "ws",
+                                           "since": -1}},
+    {"t": "leave", "s": "chat", "member": {"id": "x", "client": "y", "transport": "ws",
+                                           "since": 0, "info": {"a": [1]}}},
 ])
 def test_bad_server_frame(m: dict[str, Any]) -> None:
     with pytest.raises(FrameError) as e:
@@ -365,7 +447,8 @@ def test_round_trip_property(frame: Any) -> None:
 
 
 KEYS = sorted({"t", "id", "s", "r", "offset", "epoch", "kinds", "credit", "create", "kind",
-               "meta", "producer", "n", "client", "token", "v", "conn", "heartbeat",
+               "view", "meta", "producer", "n", "client", "token", "v", "conn", "heartbeat",
+               "presence", "hidden", "info", "members", "member", "transport", "since",
                "max_message", "next", "closed", "count", "dup", "e", "code", "message"})
 values = st.recursive(st.none() | st.booleans() | ints | st.floats() | st.text(max_size=5)
                       | st.binary(max_size=5) | st.sampled_from([t for t, _ in F._WIRE.values()]),
