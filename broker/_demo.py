@@ -5,30 +5,40 @@ Theory of operation
 The demo shows what a durable session buys: an agent that goes on working
 while nobody watches, and a page that can leave, come back, and find
 everything.  The agent here is in-process and uses the embedded Broker API;
-the page (broker/static/demo.html) talks to it only through the session.
+the page (broker/static/demo.html) talks to it only through the session, and
+both speak the AI message model of docs/ai.md: kinds 2-7 with their meta,
+signals of kind 1 with ``{signal, id, ref, approved}``, text payloads as JSON
+strings (a room is a JSON session).
 
 Rooms.  A room is a JSON session ``demo/<room>``.  The page creates it and
-appends ``{"type": "user", ...}`` records; the agent never creates one.  To
-find rooms without a hook in the broker, the agent looks every ``poll_s``
-at the sessions the broker has open (any session in use, by either
-transport, has a live actor) and follows each ``demo/*`` JSON session it is
-not following yet.  Following holds the session open, so it stays found.
+appends user messages (a ``start`` with ``role: user`` and an ``outcome``:
+a whole message in one record); the agent never creates one.  To find rooms
+without a hook in the broker, the agent looks every ``poll_s`` at the
+sessions the broker has open (any session in use, by either transport, has
+a live actor) and follows each ``demo/*`` JSON session it is not following
+yet.  Following holds the session open, so it stays found.
 
-Following.  One task per room reads the whole session from its start: the
-part already written when the agent arrived is history, used only to learn
-which user messages were answered (an agent reply names the user message in
-``reply_to``), so after a restart the agent answers what is still
-unanswered and nothing twice.  From then on it reads live: ``user`` records
-go to the room's worker, one at a time, in order; signals (kind 1) record
-approvals and rejections by request id, and count cancels.
+Following.  One task per room reads the whole session from its start and
+folds every record into a ``Conversation``, the same fold the server's views
+and the page use, so what the agent reads is exactly what they show: a
+malformed record is skipped by all three alike.  The part already written
+when the agent arrived is history, used only to learn which user messages
+were answered (an agent message names the user message in ``reply_to``), so
+after a restart the agent answers what is still unanswered and nothing
+twice.  From then on it reads live: user messages go to the room's worker,
+one at a time, in order; ``approve``/``reject`` signals record the decision
+on their tool call, and ``cancel`` signals are counted.
 
 A turn.  ``state thinking``; a reply streamed token by token (``start``,
-``delta``..., ``end``); a ``search`` tool call whose result comes
-``tool_s`` later; an ``approval_request``; then it waits, as long as it
-takes, for the ``approve`` or ``reject`` signal naming that request, and
-streams its final message.  A ``cancel`` signal ends the turn at the next
-token or wait.  ``state idle`` closes every turn.  Records are appended as
-they are made, whoever is attached: the point of the demo.
+``delta``..., ``end``, with ``state writing``); a ``search`` tool call whose
+result comes ``tool_s`` later; a ``send_summary`` tool call with
+``approval: true``; then it waits (``state awaiting_approval``), as long as
+it takes, for the ``approve`` or ``reject`` naming that call, gives the call
+its result, and streams its final message.  A ``cancel`` signal ends the turn
+at the next token or wait: the message ends with ``outcome: cancelled``, an
+open call gets a cancelled result.  ``state idle`` closes every turn.
+Records are appended as they are made, whoever is attached: the point of the
+demo.
 
 A room ends when its session is closed, deleted or re-created; a room
 re-created under the same name is followed afresh.
@@ -36,25 +46,26 @@ re-created under the same name is followed afresh.
 
 from __future__ import annotations
 
-import json
 import re
-import secrets
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import trio
 
 from . import _core
 from ._broker import Broker
+from ._convo import CANCELLED, Conversation, Draft, Encoder, Kind, Message, ToolCall, new_id
 from ._errors import BrokerError
 from ._meta import media_type
-from ._session import MAX_KIND, SIGNAL, START
+from ._session import MAX_KIND, START, header_parts
 
 __all__ = ["AGENT", "PREFIX", "DemoAgent"]
 
 AGENT = "demo-agent"          # the publisher of every record the agent writes
 PREFIX = "demo/"
 _MAX_QUEUED = 32              # user messages a room holds while busy; more are ignored
+_ENCODE = Encoder(json=True)  # rooms are JSON sessions
 
 
 class DemoAgent:
@@ -115,10 +126,11 @@ class _Room:
     def __init__(self, agent: DemoAgent, name: str) -> None:
         self.agent = agent
         self.name = name
-        self.decisions: dict[str, str] = {}     # approval request id -> approve | reject
+        self.convo = Conversation(json=True)    # touched by the reader only
+        self.decisions: dict[str, bool] = {}    # tool call id -> approved
         self.cancels = 0                        # cancel signals read live
         self._changed = trio.Event()            # set (and replaced) on every signal
-        self._send, self._receive = trio.open_memory_channel[dict[str, Any]](_MAX_QUEUED)
+        self._send, self._receive = trio.open_memory_channel[Message](_MAX_QUEUED)
 
     async def run(self, epoch: int, history_end: int) -> None:
         async with trio.open_nursery() as nursery:
@@ -129,38 +141,47 @@ class _Room:
     # ------------------------------------------------------------ reading
 
     async def _read(self, epoch: int, history_end: int) -> None:
-        unanswered: dict[str, dict[str, Any]] = {}  # user messages in the history
+        unanswered: dict[str, Message] = {}     # user messages in the history
         caught_up = False
         async with self.agent.broker.subscribe(self.name, START, epoch=epoch) as sub:
             async for batch in sub:                 # ends when the session is closed
-                for offset, kind, value in _records(batch):
+                for offset, kind, publisher, meta, payload in _records(batch):
                     live = offset >= history_end
-                    if kind == SIGNAL:
-                        self._signal(value, live)
-                    elif value.get("type") == "user" and isinstance(value.get("text"), str):
-                        if live:
-                            self._enqueue(value)
-                        else:
-                            unanswered[str(value.get("id"))] = value
-                    elif value.get("type") == "start" and not live:
-                        unanswered.pop(str(value.get("reply_to")), None)
+                    if self.convo.apply(offset, kind, publisher, meta, payload) not in (
+                            None, "unknown_ref"):
+                        continue                    # skipped: as if never written
+                    if kind == Kind.SIGNAL:
+                        self._signal(live)
+                    elif kind == Kind.START:
+                        msg = self.convo.view().item(meta["id"])
+                        assert isinstance(msg, Message)
+                        if msg.role == "user" and msg.outcome is not None:
+                            if live:
+                                self._enqueue(msg)
+                            else:
+                                unanswered[msg.id] = msg
+                        elif publisher == AGENT and msg.reply_to is not None and not live:
+                            unanswered.pop(msg.reply_to, None)
                 if not caught_up and sub.offset >= history_end:
                     caught_up = True
-                    for value in unanswered.values():
-                        self._enqueue(value)
+                    for msg in unanswered.values():
+                        self._enqueue(msg)
                     unanswered.clear()
 
-    def _enqueue(self, user: dict[str, Any]) -> None:
+    def _enqueue(self, user: Message) -> None:
         try:
             self._send.send_nowait(user)
         except trio.WouldBlock:
             pass            # a flood of messages: the agent answers what it can
 
-    def _signal(self, value: dict[str, Any], live: bool) -> None:
-        kind, rid = value.get("type"), value.get("id")
-        if kind in ("approve", "reject") and isinstance(rid, str):
-            self.decisions.setdefault(rid, kind)
-        elif kind == "cancel" and live:
+    def _signal(self, live: bool) -> None:
+        view = self.convo.view()
+        signal = view.signals[-1]
+        call = view.item(signal.ref) if signal.ref is not None else None
+        if isinstance(call, ToolCall) and call.decided == signal.offset:
+            # The fold's decision, the one every page shows: the first in time.
+            self.decisions[call.id] = bool(call.approved)
+        elif signal.type == "cancel" and live:
             self.cancels += 1
         self._changed.set()
         self._changed = trio.Event()
@@ -171,48 +192,58 @@ class _Room:
         async for user in self._receive:
             await self._turn(user)
 
-    async def _turn(self, user: dict[str, Any]) -> None:
+    async def _turn(self, user: Message) -> None:
         cancels = self.cancels
 
         def cancelled() -> bool:
             return self.cancels != cancels
 
-        text = str(user["text"])[:200]
+        text = user.text[:200]
         await self._state("thinking")
-        if await self._pause(self.agent.think_s, cancelled) and await self._message(
-                _reply(text), cancelled, reply_to=user.get("id")):
-            call = _new_id("call")
-            await self._state("calling tool search")
-            await self._say({"type": "tool_call", "id": call, "name": "search",
-                             "args": {"query": text}})
-            if await self._pause(self.agent.tool_s, cancelled):
-                await self._say({"type": "tool_result", "id": call, "result": _results(text)})
-                request = _new_id("req")
-                await self._state("awaiting approval")
-                await self._say({"type": "approval_request", "id": request,
-                                 "text": "Send the summary?"})
-                decision = await self._decision(request, cancelled)
-                if decision == "approve":
-                    await self._message(f"Done: I sent the summary of \u201c{text}\u201d.",
-                                        cancelled)
-                elif decision == "reject":
-                    await self._message("All right, I will not send it.", cancelled)
+        mid = await self._message(_reply(text), cancelled, reply_to=user.id)
+        if mid is not None and await self._call("search", {"query": text}, cancelled,
+                                                message=mid, result=_results(text)):
+            call = new_id("call")
+            await self._say(_ENCODE.tool_call(call, "send_summary", {"to": "you", "topic": text},
+                                              approval=True, message=mid))
+            await self._state("awaiting_approval", "Send the summary?", ref=call)
+            approved = await self._decision(call, cancelled)
+            if approved is None:
+                await self._say(_ENCODE.tool_result(call, None, outcome=CANCELLED))
+            elif approved:
+                await self._say(_ENCODE.tool_result(call, {"sent": True}))
+                await self._message(f"Done: I sent the summary of \u201c{text}\u201d.",
+                                    cancelled)
+            else:
+                await self._say(_ENCODE.tool_result(call, None, outcome=CANCELLED,
+                                                    error="rejected"))
+                await self._message("All right, I will not send it.", cancelled)
         await self._state("idle")
 
     async def _message(self, text: str, cancelled: Callable[[], bool],
-                       reply_to: Any = None) -> bool:
-        """Stream ``text`` token by token; False if cancelled on the way."""
-        mid = _new_id("msg")
-        start: dict[str, Any] = {"type": "start", "id": mid, "role": "assistant"}
-        if reply_to is not None:
-            start["reply_to"] = reply_to
-        await self._say(start)
+                       reply_to: str | None = None) -> str | None:
+        """Stream ``text`` token by token; its id, or None if cancelled on the way."""
+        mid = new_id("msg")
+        await self._say(_ENCODE.start(mid, "assistant", reply_to=reply_to))
+        await self._state("writing", ref=mid)
         for token in re.findall(r"\S+\s*", text):
             if not await self._pause(self.agent.token_s, cancelled):
-                await self._say({"type": "end", "id": mid, "cancelled": True})
-                return False
-            await self._say({"type": "delta", "id": mid, "text": token})
-        await self._say({"type": "end", "id": mid})
+                await self._say(_ENCODE.end(mid, outcome=CANCELLED))
+                return None
+            await self._say(_ENCODE.delta(mid, token))
+        await self._say(_ENCODE.end(mid))
+        return mid
+
+    async def _call(self, name: str, args: Any, cancelled: Callable[[], bool], *,
+                    message: str, result: Any) -> bool:
+        """A tool call whose result comes ``tool_s`` later; False if cancelled."""
+        call = new_id("call")
+        await self._say(_ENCODE.tool_call(call, name, args, message=message))
+        await self._state("tool", f"calling {name}", ref=call)
+        if not await self._pause(self.agent.tool_s, cancelled):
+            await self._say(_ENCODE.tool_result(call, None, outcome=CANCELLED))
+            return False
+        await self._say(_ENCODE.tool_result(call, result))
         return True
 
     async def _pause(self, seconds: float, cancelled: Callable[[], bool]) -> bool:
@@ -222,37 +253,34 @@ class _Room:
                 await self._changed.wait()
         return not cancelled()
 
-    async def _decision(self, request: str, cancelled: Callable[[], bool]) -> str:
-        while request not in self.decisions and not cancelled():
+    async def _decision(self, call: str, cancelled: Callable[[], bool]) -> bool | None:
+        """Approved or not; None if the turn is cancelled first."""
+        while call not in self.decisions and not cancelled():
             await self._changed.wait()
-        return "cancel" if cancelled() else self.decisions[request]
+        return None if cancelled() else self.decisions[call]
 
-    async def _state(self, state: str) -> None:
-        await self._say({"type": "state", "state": state})
+    async def _state(self, state: str, detail: str = "", *, ref: str | None = None) -> None:
+        await self._say(_ENCODE.state(state, detail, ref=ref))
 
-    async def _say(self, value: dict[str, Any]) -> None:
-        payload = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-        await self.agent.broker.publish(self.name, [payload], publisher=AGENT)
+    async def _say(self, draft: Draft) -> None:
+        await self.agent.broker.publish(self.name, [draft.payload], kind=draft.kind,
+                                        publisher=AGENT, metas=[draft.meta])
 
 
 # ------------------------------------------------------------------ helpers
 
-def _records(batch: _core.Batch) -> list[tuple[int, int, dict[str, Any]]]:
-    """(offset, kind, value) for each record of ``batch`` holding a JSON object."""
+def _records(batch: _core.Batch) -> list[tuple[int, int, str | None, Any, bytes]]:
+    """(offset, kind, publisher, meta, payload) for each record of ``batch``."""
     out = []
     for i in range(len(batch)):
+        header = batch.meta(i)
         try:
-            value = json.loads(bytes(batch.payload(i)))
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(value, dict):
-            out.append((batch.offset(i), (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND,
-                        value))
+            publisher, meta, _ = header_parts(header) if header is not None else (None, None, None)
+        except (ValueError, TypeError, RecursionError, msgpack.UnpackException):
+            publisher, meta = None, None    # a header we cannot read: folded as meta-less
+        out.append((batch.offset(i), (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND,
+                    publisher, meta, bytes(batch.payload(i))))
     return out
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(4)}"
 
 
 def _reply(text: str) -> str:
@@ -265,4 +293,3 @@ def _results(text: str) -> list[dict[str, str]]:
     return [{"title": f"{text[:40]}: an overview", "url": "https://example.com/overview"},
             {"title": f"Notes on {text[:40]}", "url": "https://example.com/notes"},
             {"title": "Frequently asked questions", "url": "https://example.com/faq"}]
-

@@ -2,14 +2,15 @@
 
 A real ``broker serve --demo`` runs as a subprocess for the whole module; its
 simulated agent answers every user message in a ``demo/<room>`` session (a
-streamed reply, a tool call, an approval request, a final message).  Each
-test drives the page at ``/demo?room=<room>`` with Playwright, sometimes
-through ``_proxy`` (which cuts, idles out or refuses WebSocket upgrades),
-and then checks what the page shows against the session itself, read over
-HTTP with ``view=records``: every assistant message's text must equal the
-concatenation of its ``delta`` records, and the page must have received
-offsets 0, 1, 2, ... with no gap and no repeat.  The page appends deltas as
-they come and never de-duplicates them, so a lost or repeated record shows.
+streamed reply, a tool call, a tool call waiting for approval, a final
+message), in the AI message model of docs/ai.md.  Each test drives the page
+at ``/demo?room=<room>`` with Playwright, sometimes through ``_proxy`` (which
+cuts, idles out or refuses WebSocket upgrades), and then checks what the
+page shows against the session itself, read over HTTP with ``view=records``
+and folded in Python: every assistant message's text must equal the fold's,
+and after its latest view the page must have received offsets N, N+1, ...
+with no gap and no repeat.  The page's fold appends deltas as they come and
+never de-duplicates them, so a lost or repeated record shows.
 
 Waits are bounded and generous; nothing asserts how long anything took.
 Chromium is /usr/bin/chromium (installed by .ci/run); without it, or
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 
 from _proxy import ThreadedProxy
+from broker._convo import Conversation
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -95,20 +97,17 @@ def records(port: int, room: str) -> list[dict[str, Any]]:
                 return out
 
 
-def answers(recs: list[dict[str, Any]]) -> dict[str, str]:
-    """Each finished assistant message: id -> the text of its deltas in order."""
-    texts: dict[str, str] = {}
-    done = set()
+def fold(recs: list[dict[str, Any]]) -> Conversation:
+    conv = Conversation(json=True)
     for r in recs:
-        d = r["d"]
-        if r["k"] == 0 and isinstance(d, dict):
-            if d.get("type") == "start":
-                texts[d["id"]] = ""
-            elif d.get("type") == "delta":
-                texts[d["id"]] += d["text"]
-            elif d.get("type") == "end":
-                done.add(d["id"])
-    return {k: v for k, v in texts.items() if k in done}
+        conv.apply_view_record(r)
+    return conv
+
+
+def answers(conv: Conversation) -> dict[str, str]:
+    """Each finished assistant message: id -> its text."""
+    return {m.id: m.text for m in conv.view().messages
+            if m.role == "assistant" and not m.open}
 
 
 def open_demo(context: Any, base: str, room: str, extra: str = "") -> Any:
@@ -143,6 +142,7 @@ def shown(page: Any) -> dict[str, Any]:
         approvals: [...document.querySelectorAll('[data-kind=approval]')]
             .map(c => c.dataset.decision || null),
         offsets: window.brokerDemo.offsets,
+        views: window.brokerDemo.views,
         transport: document.getElementById('status').dataset.transport,
     })""")
     return got
@@ -151,17 +151,17 @@ def shown(page: Any) -> dict[str, Any]:
 def check_page(page: Any, port: int, room: str, *, users: int = 1) -> dict[str, Any]:
     """The page shows exactly what the session holds: each finished answer once
     and whole, and it read every offset from 0 once."""
-    recs = records(port, room)
-    expected = answers(recs)
+    conv = fold(records(port, room))
+    expected = answers(conv)
     got = shown(page)
     assert expected, "the agent finished no message"
     for mid, text in expected.items():
         assert got["answers"].get(mid) == text
-    assert got["assistant"] == len({r["d"]["id"] for r in recs
-                                    if isinstance(r["d"], dict) and r["d"].get("type") == "start"})
+    assert got["assistant"] == len([m for m in conv.view().messages if m.role == "assistant"])
     assert len(got["users"]) == users
-    offsets = got["offsets"]
-    assert offsets == list(range(len(offsets)))
+    assert got["views"], "the page starts from a view"
+    offsets, start = got["offsets"], got["views"][-1]
+    assert offsets == list(range(start, start + len(offsets)))
     return got
 
 
@@ -214,6 +214,8 @@ def test_two_devices_share_the_transcript_and_the_approval(browser: Any, port: i
     for page in (a, b):                     # ... unblocks the agent for both
         wait_done(page, 2)
         page.wait_for_selector("[data-kind=approval][data-decision=approved]", timeout=WAIT_MS)
+    for page in (a, b):                     # each sees both devices here
+        page.wait_for_selector("#status-here[data-count='2']", timeout=WAIT_MS)
     got_a, got_b = check_page(a, port, room), check_page(b, port, room)
     assert got_a["answers"] == got_b["answers"]
     assert got_a["users"] == got_b["users"] == ["from the phone"]
@@ -276,3 +278,30 @@ def test_second_message_after_reload_keeps_history(browser: Any, port: int, room
     assert got["transport"] == "longpoll"
     context.close()
 
+
+
+def test_a_late_page_renders_the_view_from_far_fewer_frames(browser: Any, port: int,
+                                                             room: str) -> None:
+    """A page loaded after a whole turn shows what a page that watched it live
+    shows, from one view instead of every record."""
+    base = f"http://127.0.0.1:{port}"
+    context = browser.new_context()
+    live = open_demo(context, base, room)
+    say(live, "late joiners")
+    approve(live)
+    wait_done(live, 2)
+    live.wait_for_selector("#status-agent[data-state=idle]", timeout=WAIT_MS)
+    check_page(live, port, room)
+    late = open_demo(browser.new_context(), base, room)
+    wait_done(late, 2)
+    late.wait_for_selector("#status-agent[data-state=idle]", timeout=WAIT_MS)
+    check_page(late, port, room)
+    transcript = "() => window.brokerDemo.transcript()"
+    assert late.evaluate(transcript) == live.evaluate(transcript)
+    stats = "() => window.brokerDemo.client.stats"
+    live_stats, late_stats = live.evaluate(stats), late.evaluate(stats)
+    # The live page got every record the turn made, the late one a view of them.
+    assert live_stats["records"] >= 40
+    assert late_stats["views"] == 1 and late_stats["records"] <= 2
+    assert late_stats["frames"] * 10 <= live_stats["frames"]
+    context.close()

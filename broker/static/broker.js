@@ -48,6 +48,19 @@
 // from the saved cursor unless `offset` is given, so a reloaded page that
 // keeps its own view (or needs only new records) goes on where it stopped;
 // a page that rebuilds its view from the log passes offset: -1.
+//
+// Conversations (option `conversation`): the client also folds the records
+// into `client.conversation`, a port of broker/_convo.py's fold.  Every
+// connect() starts from a view instead of a cursor: an attach with
+// `view: true` (the `view` frame restores the fold and sets `next`), or over
+// HTTP a GET of `?view=conversation` before the first read.  From there it
+// is the same cursor as above: a cut resumes from `next`, and only a reset
+// (the epoch changed) asks for a new view.  A reload thus costs one frame,
+// not a replay of every delta.
+//
+// Presence (option `presence`): the WebSocket attach asks for it and keeps
+// the `members`/`join`/`leave` frames in `client.members`; HTTP has no
+// presence events, so SSE and long-poll attempts poll `?view=presence`.
 
 const SUBPROTOCOL = "broker.v1";
 const TRANSPORTS = ["ws", "sse", "longpoll"];
@@ -268,6 +281,275 @@ class Fatal extends Error {
   constructor(error) { super(error.message); this.error = error; }
 }
 
+// ----------------------------------------------------------------- the conversation fold
+//
+// A port of broker/_convo.py's Conversation (docs/ai.md, "The fold"): the
+// same rules in the same order, so a page folds exactly what the server's
+// view holds, and a view restored with fromSnapshot then fed the records
+// after it ends where a fold of the whole log ends.  Records come as this
+// client delivers them: `data` is the JSON value in a JSON session, a string
+// in a text/* one, a Uint8Array otherwise.  Text is kept as strings (a
+// binary session's payloads are decoded one record at a time, so a UTF-8
+// character split across records shows as U+FFFD here, where the Python fold
+// joins the bytes), and tool arguments and results as JSON text, never
+// parsed by the fold (`JSON.parse(call.args)` to read them).
+
+const KIND_NAMES = { 1: "signal", 2: "start", 3: "delta", 4: "end", 5: "tool_call", 6: "tool_result", 7: "state" };
+const OUTCOMES = new Set(["complete", "cancelled", "error"]);
+const MAX_ID = 256;
+
+class Skip extends Error {
+  constructor(code) { super(code); this.code = code; }
+}
+
+// Meta fields, as _convo.py reads them.  A JS string's length counts UTF-16
+// units and Python's code points: ids outside the BMP near 256 characters
+// are the one place they could disagree, so count code points.
+const cpLength = (s) => { let n = 0; for (const _ of s) n++; return n; };
+const present = (meta, key) => meta[key] !== undefined && meta[key] !== null;
+function metaId(meta, key) {
+  const v = meta[key];
+  if (typeof v !== "string" || v.length === 0 || (v.length > MAX_ID && cpLength(v) > MAX_ID)) throw new Skip("bad_meta");
+  return v;
+}
+const optId = (meta, key) => (present(meta, key) ? metaId(meta, key) : null);
+function optStr(meta, key) {
+  if (!present(meta, key)) return null;
+  if (typeof meta[key] !== "string") throw new Skip("bad_meta");
+  return meta[key];
+}
+function optBool(meta, key) {
+  if (!present(meta, key)) return null;
+  if (typeof meta[key] !== "boolean") throw new Skip("bad_meta");
+  return meta[key];
+}
+function optOutcome(meta) {
+  if (!present(meta, "outcome")) return null;
+  const v = meta.outcome;
+  if (typeof v !== "string" || !OUTCOMES.has(v)) throw new Skip("bad_meta");
+  return v;
+}
+
+function snapText(value, text) {
+  // A byte field of a snapshot: bin (msgpack), or a string / [base64] (text form).
+  if (text) {
+    if (typeof value === "string") return value;
+    if (Array.isArray(value) && value.length === 1 && typeof value[0] === "string") return fromUtf8.decode(b64bytes(value[0]));
+  } else if (value instanceof Uint8Array) return fromUtf8.decode(value);
+  throw new Error(`expected bytes, not ${typeof value}`);
+}
+
+const isPlainMap = (m) => m !== null && typeof m === "object" && !Array.isArray(m) && !(m instanceof Uint8Array);
+
+/**
+ * The fold of a session's AI records.  `apply(offset, kind, publisher, meta,
+ * data)` (or `applyRecord(record)`) folds one record and returns null or the
+ * code it was counted under; read `items`, `messages`, `toolCalls`,
+ * `signals`, `states`, `state`, `pendingApprovals`, `anomalies`, `next`.
+ * Items are plain objects with the fields of docs/ai.md's view; `text`,
+ * `args`, `result` and a signal's `text` are strings.
+ */
+export class Conversation {
+  constructor({ json = false, start = 0 } = {}) {
+    this.json = json;
+    this.start = start;
+    this.next = start;
+    this._items = new Map();        // id -> item, in opening order
+    this._open = new Set();         // ids of open items, for a run's cancel
+    this.signals = [];
+    this._signalIds = new Set();
+    this._states = new Map();       // publisher -> latest state
+    this._anomalies = new Map();
+  }
+
+  get items() { return [...this._items.values()]; }
+  get messages() { return this.items.filter((i) => i.type === "message"); }
+  get toolCalls() { return this.items.filter((i) => i.type === "tool_call"); }
+  get pendingApprovals() { return this.toolCalls.filter((c) => c.approval && c.approved === null && c.outcome === null); }
+  get states() { return [...this._states.values()].sort((a, b) => a.offset - b.offset); }
+  get state() { const s = this.states; return s.length ? s[s.length - 1] : null; }
+  get anomalies() { return Object.fromEntries([...this._anomalies].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))); }
+  item(id) { return this._items.get(id) ?? null; }
+
+  applyRecord(r) { return this.apply(r.offset, r.kind, r.publisher ?? null, r.meta ?? null, r.data); }
+
+  apply(offset, kind, publisher, meta, data) {
+    if (offset < this.next) throw new RangeError(`record ${offset} is below ${this.next}: already folded`);
+    this.next = offset + 1;
+    if (kind === 0) return null;
+    let code;
+    try {
+      if (kind > 7) throw new Skip("reserved_kind");
+      if (!isPlainMap(meta)) throw new Skip("bad_meta");
+      code = this[`_${KIND_NAMES[kind]}`](offset, publisher, meta, data);
+    } catch (e) {
+      if (!(e instanceof Skip)) throw e;
+      code = e.code;
+    }
+    if (code) this._anomalies.set(code, (this._anomalies.get(code) || 0) + 1);
+    return code;
+  }
+
+  /** No AI record lies below `next` beyond those applied. */
+  advance(next) { if (next > this.next) this.next = next; }
+
+  _text(data) {
+    if (this.json) {
+      if (typeof data !== "string") throw new Skip("bad_payload");
+      return data;
+    }
+    if (typeof data === "string") return data;
+    return data instanceof Uint8Array ? fromUtf8.decode(data) : "";
+  }
+
+  _json(data) {
+    if (this.json) return JSON.stringify(data === undefined ? null : data);
+    if (typeof data === "string") return data;
+    return data instanceof Uint8Array ? fromUtf8.decode(data) : "";
+  }
+
+  _start(offset, publisher, meta, data) {
+    const id = metaId(meta, "id"), role = metaId(meta, "role");
+    const replyTo = optId(meta, "reply_to"), outcome = optOutcome(meta), error = optStr(meta, "error");
+    const text = this._text(data);
+    if (this._items.has(id)) throw new Skip("duplicate_id");
+    const msg = { type: "message", id, role, publisher, offset, text, outcome: null, error: null, end: null, replyTo, cancel: null };
+    this._items.set(id, msg);
+    if (outcome === null) this._open.add(id);
+    else Object.assign(msg, { outcome, error, end: offset });
+    return null;
+  }
+
+  _delta(offset, publisher, meta, data) {
+    const id = metaId(meta, "id");
+    const text = this._text(data);
+    this._continued(publisher, id).text += text;
+    return null;
+  }
+
+  _end(offset, publisher, meta, data) {
+    const id = metaId(meta, "id");
+    const outcome = optOutcome(meta) || "complete", error = optStr(meta, "error");
+    const text = this._text(data);
+    const msg = this._continued(publisher, id);
+    msg.text += text;
+    Object.assign(msg, { outcome, error, end: offset });
+    this._open.delete(id);
+    return null;
+  }
+
+  _continued(publisher, id) {
+    const msg = this._items.get(id);
+    if (!msg || msg.type !== "message") throw new Skip("unknown_id");
+    if (publisher !== msg.publisher) throw new Skip("wrong_publisher");
+    if (msg.outcome !== null) throw new Skip("after_end");
+    return msg;
+  }
+
+  _tool_call(offset, publisher, meta, data) {
+    const id = metaId(meta, "id"), name = metaId(meta, "name");
+    const approval = optBool(meta, "approval") || false, message = optId(meta, "message");
+    if (this._items.has(id)) throw new Skip("duplicate_id");
+    this._items.set(id, {
+      type: "tool_call", id, name, publisher, offset, args: this._json(data), message, approval,
+      approved: null, decided: null, outcome: null, result: null, error: null, end: null, resultPublisher: null, cancel: null,
+    });
+    this._open.add(id);
+    return null;
+  }
+
+  _tool_result(offset, publisher, meta, data) {
+    const id = metaId(meta, "id");
+    const outcome = optOutcome(meta) || "complete", error = optStr(meta, "error");
+    const call = this._items.get(id);
+    if (!call || call.type !== "tool_call") throw new Skip("unknown_id");
+    if (call.outcome !== null) throw new Skip("after_end");
+    Object.assign(call, { outcome, result: this._json(data), error, end: offset, resultPublisher: publisher });
+    this._open.delete(id);
+    return null;
+  }
+
+  _state(offset, publisher, meta, data) {
+    const state = metaId(meta, "state"), ref = optId(meta, "ref"), detail = this._text(data);
+    this._states.set(publisher, { offset, publisher, state, ref, detail });
+    return null;
+  }
+
+  _signal(offset, publisher, meta, data) {
+    const type = metaId(meta, "signal"), id = optId(meta, "id"), ref = optId(meta, "ref");
+    let approved = optBool(meta, "approved");
+    if ((type === "approve" || type === "reject") && ref === null) throw new Skip("bad_meta");
+    if (type === "approve" && approved === null) throw new Skip("bad_meta");
+    if (type === "reject") approved = false;
+    const text = this._text(data);
+    if (id !== null && this._signalIds.has(id)) throw new Skip("duplicate_signal");
+    const item = ref === null ? null : this._items.get(ref) ?? null;
+    const target = ref === null ? (type === "cancel" ? "run" : null) : item === null ? null : item.type;
+    if (type === "cancel") {
+      // A run's cancel reaches what is open now, not what opens later.
+      const victims = ref === null ? [...this._open] : this._open.has(ref) ? [ref] : [];
+      for (const v of victims) { const it = this._items.get(v); if (it.cancel === null) it.cancel = offset; }
+    } else if ((type === "approve" || type === "reject") && item && item.type === "tool_call" && item.approved === null && item.outcome === null) {
+      item.approved = approved;
+      item.decided = offset;
+    }
+    if (id !== null) this._signalIds.add(id);
+    this.signals.push({ offset, publisher, type, id, ref, target, approved, text });
+    return ref !== null && item === null ? "unknown_ref" : null;
+  }
+
+  /** The snapshot's text form (docs/ai.md, "Snapshot"), as Python's
+   * `to_snapshot(text=True)` writes it for this fold. */
+  toSnapshot() {
+    const items = this.items.map((i) => (i.type === "message"
+      ? ["m", i.id, i.role, i.publisher, i.offset, i.text, i.outcome, i.error, i.end, i.replyTo, i.cancel]
+      : ["t", i.id, i.name, i.publisher, i.offset, i.args, i.message, i.approval, i.approved, i.decided,
+        i.outcome, i.result, i.error, i.end, i.resultPublisher, i.cancel]));
+    const snap = {
+      v: 1, json: this.json, next: this.next, items,
+      signals: this.signals.map((s) => [s.offset, s.publisher, s.type, s.id, s.ref, s.target, s.approved, s.text]),
+      states: this.states.map((s) => [s.offset, s.publisher, s.state, s.ref, s.detail]),
+      anomalies: Object.entries(this.anomalies),
+    };
+    if (this.start) snap.start = this.start;
+    snap.text = true;
+    return snap;
+  }
+
+  /** A fold restored from a snapshot: the `v` of a WebSocket `view` frame
+   * (byte fields as bin) or the body of `?view=conversation` (text form). */
+  static fromSnapshot(snap) {
+    if (!isPlainMap(snap) || snap.v !== 1) throw new BrokerError("bad_view", `not a version 1 conversation snapshot`);
+    const text = snap.text === true;
+    const t = (v) => snapText(v, text);
+    const opt = (f, v) => (v === null || v === undefined ? null : f(v));
+    const conv = new Conversation({ json: !!snap.json, start: snap.start || 0 });
+    conv.next = snap.next;
+    for (const e of snap.items) {
+      let item;
+      if (e[0] === "m") {
+        item = { type: "message", id: e[1], role: e[2], publisher: e[3], offset: e[4], text: t(e[5]), outcome: e[6], error: e[7], end: e[8], replyTo: e[9], cancel: e[10] };
+      } else {
+        item = {
+          type: "tool_call", id: e[1], name: e[2], publisher: e[3], offset: e[4], args: t(e[5]), message: e[6], approval: e[7],
+          approved: e[8], decided: e[9], outcome: e[10], result: opt(t, e[11]), error: e[12], end: e[13], resultPublisher: e[14], cancel: e[15],
+        };
+      }
+      conv._items.set(item.id, item);
+      if (item.outcome === null) conv._open.add(item.id);
+    }
+    for (const [offset, publisher, type, id, ref, target, approved, data] of snap.signals) {
+      conv.signals.push({ offset, publisher, type, id, ref, target, approved, text: t(data) });
+      if (id !== null) conv._signalIds.add(id);
+    }
+    for (const [offset, publisher, state, ref, detail] of snap.states) {
+      conv._states.set(publisher, { offset, publisher, state, ref, detail: t(detail) });
+    }
+    for (const [code, count] of snap.anomalies) conv._anomalies.set(code, count);
+    return conv;
+  }
+}
+
 // ----------------------------------------------------------------- client
 
 /**
@@ -304,9 +586,21 @@ export class Client {
     this._token = o.token;
     this._create = !!o.create;
     this._createOption = !!o.create;
-    this._handlers = { record: new Set(), state: new Set(), reset: new Set(), error: new Set() };
+    this._handlers = { record: new Set(), state: new Set(), reset: new Set(), error: new Set(), view: new Set(), presence: new Set() };
+    // With `presence`, who is attached (docs/protocol.md, "Presence"): member
+    // id -> {id, client, transport, since, info}.  Live on the WebSocket;
+    // over HTTP, polled with ?view=presence every `presenceEvery` seconds.
+    this._presence = !!o.presence;
+    this._info = o.info || null;
+    this.presenceEvery = o.presenceEvery ?? 5;
+    this.members = new Map();
+    // With `conversation`, every connect() starts from a view (a reload
+    // included) and the fold goes on from it; a cut resumes from `next`.
+    this.conversation = o.conversation ? new Conversation({ json: this.format === "json" }) : null;
+    this._needView = !!o.conversation;
+    this.stats = { frames: 0, records: 0, views: 0 };   // what was received, for pages and tests
 
-    const saved = o.offset === undefined ? this._load() : null;
+    const saved = o.offset === undefined && !o.conversation ? this._load() : null;
     this.next = saved ? saved.offset : (o.offset === "now" ? "now" : parseOffset(o.offset ?? -1));
     this.epoch = saved ? saved.epoch : (o.epoch ?? null);
 
@@ -346,6 +640,35 @@ export class Client {
   /** Append one signal (kind 1): cancel, approval, human input. */
   signal(value, { meta } = {}) { return this._enqueue(1, value, meta); }
 
+  /** Append one record of any kind (docs/ai.md: 2 start ... 7 state) with its meta. */
+  append(kind, value, meta) { return this._enqueue(kind, value, meta); }
+
+  /** A signal of the message model: meta {signal, id, ref, approved}, the
+   * text as the session's payload rule wants it (a JSON string in a JSON
+   * session, UTF-8 elsewhere). */
+  sendSignal(type, text = "", { ref = null, approved = null, id = null } = {}) {
+    const meta = { signal: type, id: id || `s_${randomId().slice(0, 16)}` };
+    if (ref !== null) meta.ref = ref;
+    if (approved !== null) meta.approved = !!approved;
+    return this._enqueue(1, String(text), meta);
+  }
+
+  /** Cancel one item, or (ref null) the whole run. */
+  cancel(ref = null, reason = "") { return this.sendSignal("cancel", reason, { ref }); }
+
+  /** Decide a tool call that waits for approval. */
+  approve(ref, approved = true, note = "") { return this.sendSignal("approve", note, { ref, approved: !!approved }); }
+
+  /** Free-form human input, maybe answering an item. */
+  input(text, { ref = null } = {}) { return this.sendSignal("input", text, { ref }); }
+
+  /** A whole message in one record (a `start` with an outcome); resolves to its offset. */
+  message(text, { role = "user", id = null, replyTo = null } = {}) {
+    const meta = { id: id || `m_${randomId().slice(0, 16)}`, role, outcome: "complete" };
+    if (replyTo !== null) meta.reply_to = replyTo;
+    return this._enqueue(2, String(text), meta);
+  }
+
   /** Stop: the socket is closed, pending publishes are rejected. */
   close() {
     if (this._closed) return;
@@ -384,6 +707,8 @@ export class Client {
       if (typeof this.next === "number" && this.next >= 0 && r.offset < this.next) continue;
       this.next = r.offset + 1;
       any = true;
+      this.stats.records++;
+      if (this.conversation) r.anomaly = this.conversation.applyRecord(r);
       this._emit("record", r);
     }
     if (any) { this._save(); this._emit("state", this._stateInfo()); }
@@ -391,6 +716,7 @@ export class Client {
 
   _advance(next, upToDate) {
     if (typeof this.next !== "number" || next > this.next) this.next = next;
+    if (this.conversation && !this._needView) this.conversation.advance(next);
     if (upToDate) this.upToDate = true;
     this._save();
     this._emit("state", this._stateInfo());
@@ -401,9 +727,62 @@ export class Client {
     this.epoch = epoch;
     this.next = -1;
     this.upToDate = false;
+    if (this.conversation) {
+      this.conversation = new Conversation({ json: this.format === "json" });
+      this._needView = true;
+    }
     this._save();
     this._setState("reset");
     this._emit("reset", { epoch });
+  }
+
+  _setMembers(list) {
+    this.members = new Map(list.map((m) => [m.id, m]));
+    this._emit("presence", this.members);
+  }
+
+  async _pollPresence() {
+    // HTTP has no presence events: ask now and then while this attempt lives.
+    let stop = false;
+    this._aborts.add(() => { stop = true; });
+    while (!stop && !this._closed) {
+      try {
+        const res = await this._fetch(`${this._sessionUrl()}?view=presence`, { headers: await this._headers() });
+        if (res.ok) this._setMembers((await res.json()).members || []);
+      } catch { /* the read loop notices a dead link; this only shows who is here */ }
+      await sleep(this.presenceEvery);
+    }
+  }
+
+  _presenceHeaders(headers) {
+    if (this._info) headers["Broker-Presence"] = JSON.stringify(this._info).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+    if (this.clientId) headers["Broker-Client"] = encodeURIComponent(this.clientId);
+    return headers;
+  }
+
+  _restore(snap) {
+    // A view: the fold restored, and the cursor where it is exact.
+    let conv;
+    try { conv = Conversation.fromSnapshot(snap); } catch (e) { throw new Lost(`bad view: ${e.message}`); }
+    this.conversation = conv;
+    this._needView = false;
+    this.next = conv.next;
+    this.stats.views++;
+    this._save();
+    this._emit("view", conv);
+    this._emit("state", this._stateInfo());
+  }
+
+  async _httpView() {
+    // ?view=conversation: the snapshot's text form, exact at Stream-Next-Offset.
+    const res = await this._fetch(`${this._sessionUrl()}?view=conversation`, { headers: await this._headers() });
+    if (res.status !== 200) this._httpFailure(await errorOf(res));
+    const epoch = res.headers.get("Broker-Epoch");
+    if (epoch !== null && /^\d+$/.test(epoch)) this.epoch = Number(epoch);   // the view's own
+    let snap;
+    try { snap = await res.json(); } catch (e) { throw new Lost(String(e)); }
+    this.stats.frames++;
+    this._restore(snap);
   }
 
   _load() {
@@ -587,8 +966,14 @@ export class Client {
       const send = (frame) => ws.send(encode(frame));
       const attach = () => {
         attachId = this._nextId++;
-        const frame = { t: "attach", id: attachId, s: this.session, offset: this.next };
-        if (this.epoch !== null && this.next !== -1 && this.next !== "now") frame.epoch = this.epoch;
+        const frame = { t: "attach", id: attachId, s: this.session };
+        if (this._needView) frame.view = true;
+        else {
+          frame.offset = this.next;
+          if (this.epoch !== null && this.next !== -1 && this.next !== "now") frame.epoch = this.epoch;
+        }
+        if (this._presence) frame.presence = true;
+        if (this._info) frame.info = this._info;
         send(frame);
       };
       ws.onopen = async () => {
@@ -619,12 +1004,19 @@ export class Client {
             if (f.id !== attachId) break;
             this.epoch = f.epoch;
             if (this.next === "now") this.next = f.offset;
+            if (this._needView) this.next = -1;     // the view frame comes next and sets it
             this._ws = ws;
             opened();
             this._setState("connected");
             break;
+          case "view":
+            if (f.s !== this.session) break;
+            this.stats.frames++;
+            try { this._restore(f.v); } catch (e) { finish(e); }
+            break;
           case "data":
             if (f.s !== this.session) break;
+            this.stats.frames++;
             this._deliver((f.r || []).map((r) => {
               const h = r[3] || [];
               return { offset: r[0], kind: r[2], publisher: h[0] ?? null, ts: r[1], meta: h[1] ?? null, data: this._wsPayload(r[4]) };
@@ -640,6 +1032,15 @@ export class Client {
             break;
           case "ping":
             send({ t: "pong", id: f.id });
+            break;
+          case "members":
+            if (f.s === this.session) this._setMembers(f.members || []);
+            break;
+          case "join":
+            if (f.s === this.session && f.member) { this.members.set(f.member.id, f.member); this._emit("presence", this.members); }
+            break;
+          case "leave":
+            if (f.s === this.session && f.member) { this.members.delete(f.member.id); this._emit("presence", this.members); }
             break;
           case "ack": {
             const w = this._wsWaiters.get(f.id);
@@ -685,6 +1086,8 @@ export class Client {
     const head = await this._fetch(this._sessionUrl(), { method: "HEAD", headers: await this._headers() });
     if (!head.ok && head.status !== 405) this._httpFailure(await errorOf(head));
     this._epochChanged(head);
+    if (this._needView) await this._httpView();
+    if (this._presence) this._pollPresence();
     const url = await this._readUrl("sse");
     return new Promise((resolve, reject) => {
       const es = new EventSource(url);
@@ -693,6 +1096,7 @@ export class Client {
       this._aborts.add(() => finish(new Lost("aborted")));
       es.addEventListener("open", () => { isOpen = true; opened(); this._setState("connected"); });
       es.addEventListener("data", (ev) => {
+        this.stats.frames++;
         try { this._deliver(this._httpRecords(JSON.parse(ev.data))); }
         catch (e) { finish(new Lost(`bad data event: ${e}`)); }
       });
@@ -723,14 +1127,18 @@ export class Client {
     // Catch up with plain reads first: a long-poll only answers at once when
     // there is something to read, and an empty session would look dead.
     let caughtUp = false;
+    if (this._presence) this._pollPresence();
     while (!this._closed) {
+      if (this._needView) { await this._httpView(); caughtUp = false; }
       const live = caughtUp ? "long-poll" : null;
-      const res = await this._fetch(await this._readUrl(live), { headers: await this._headers() });
+      // A live poll is a presence member when it names its client (and shows `info`).
+      const res = await this._fetch(await this._readUrl(live), { headers: await this._headers(live ? this._presenceHeaders({}) : {}) });
       if (res.status !== 200 && res.status !== 204) this._httpFailure(await errorOf(res));
       if (this._epochChanged(res)) { caughtUp = false; continue; }   // read it again from -1
       let records = [];
       if (res.status === 200) {
         try { records = await res.json(); } catch (e) { throw new Lost(String(e)); }
+        this.stats.frames++;
       }
       if (this.state !== "connected") { opened(); this._setState("connected"); }
       this._deliver(this._httpRecords(records));
@@ -829,8 +1237,17 @@ export class Client {
     // The same producer as on the WebSocket (auth off; with auth the token's sub is).
     if (this.clientId) headers["Broker-Client"] = encodeURIComponent(this.clientId);
     if (item.kind === 1) headers["Broker-Kind"] = "signal";
+    else if (item.kind > 1) headers["Broker-Kind"] = String(item.kind);
+    // Header values are Latin-1 at most: escape the rest, JSON reads it back the same.
+    if (item.meta !== undefined) headers["Broker-Meta"] = JSON.stringify([item.meta]).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
     // A top-level JSON array would be split into records: wrap the value.
-    const body = this.format === "json" ? `[${item.body}]` : item.body;
+    let body = this.format === "json" ? `[${item.body}]` : item.body;
+    if (this.format !== "json" && item.body.length === 0) {
+      // A plain POST cannot be empty (an empty cancel reason is): frame it
+      // as one record of the broker's msgpack records body.
+      body = encode([new Uint8Array(0)]);
+      headers["Content-Type"] = "application/vnd.broker.records+msgpack";
+    }
     let res;
     try {
       res = await fetch(this._sessionUrl(), { method: "POST", headers: await this._headers(headers), body, cache: "no-store" });
