@@ -36,14 +36,16 @@ into meta.json, durably, before it first shows an unsynced record in a run.
 An actor with no work and no readers for ``idle_timeout_s`` syncs, closes its
 files and exits; the next use of the session starts a new one.
 
-Conversation views (docs/ai.md, "Views") are folded lazily, never on the
-publish path.  The actor keeps no fold until a ``view`` command asks for
-one; it then loads ``convo.snap`` (if it is of this epoch and covers no more
-than the log held when the actor opened it) or starts at the log's start,
-folds the committed records past where it stopped, a chunk at a time, and
-answers a snapshot exact at ``committed``.  The fold stays in memory for the
-next view, which reads only what came since.  It is saved to ``convo.snap``
-when it has moved ``_CONVO_SAVE_RECORDS`` past the last save, and on exit.
+Conversation views (docs/ai.md, "Views") cost nothing to a session never
+viewed.  The actor keeps no fold until a ``view`` command asks for one (or
+it opens a session that has a ``convo.snap``, one viewed before); it then
+loads ``convo.snap`` (if it is of this epoch and covers no more than the log
+held when the actor opened it) or starts at the log's start, folds the
+committed records past where it stopped, a chunk at a time, and answers a
+snapshot exact at ``committed``.  From then on each turn of the actor's loop
+folds what became readable since (``_keep_folding``), so the fold follows
+the records and a view reads little.  It is saved to ``convo.snap`` when it
+has moved ``_CONVO_SAVE_RECORDS`` past the last save, and on exit.
 """
 
 from __future__ import annotations
@@ -461,6 +463,9 @@ class SessionActor:
             # Reading stamps uses the FileCache, so it runs on the Trio thread.
             self._load_producers(meta, log)
             self._attach(meta, log)
+            if os.path.exists(os.path.join(self.directory, CONVO_FILE)):
+                # Viewed before: its fold goes on following the records.
+                self._convo = await self._load_convo(meta, log)
         self.ready.set()
 
     async def _new_incarnation(self, meta: SessionMeta) -> SessionMeta:
@@ -527,6 +532,8 @@ class SessionActor:
             if self._sync_outcome is not None and not await self._finish_sync():
                 return
             self._maybe_start_sync()
+            if self._convo is not None:
+                await self._keep_folding()
             if self._inflight is not None:
                 deadline = math.inf         # the sync worker wakes us (_recv_scope)
             elif self._pending:
@@ -1141,18 +1148,35 @@ class SessionActor:
         conv = self._convo
         if conv is None:
             conv = await self._load_convo(meta, log)
-        if conv.next < log.start_offset:
-            # Retention deleted records before the fold reached them: it cannot
-            # go on exactly, so it starts again from the oldest record left.
-            logger.warning("session %r: records %d..%d were deleted before the conversation "
-                           "fold read them; it starts again at %d", self.name, conv.next,
-                           log.start_offset - 1, log.start_offset)
-            conv = Conversation(json=conv.json, start=log.start_offset)
-        self._convo = conv
+        conv = self._convo = self._within_retention(conv, log)
         await self._fold(conv)
         if conv.next - self._convo_saved >= _CONVO_SAVE_RECORDS:
             await self._save_convo()
         return ConversationView(meta.epoch, conv.next, conv.to_snapshot(text=text))
+
+    def _within_retention(self, conv: Conversation, log: SegmentLog) -> Conversation:
+        if conv.next >= log.start_offset:
+            return conv
+        # Retention deleted records before the fold reached them: it cannot
+        # go on exactly, so it starts again from the oldest record left.
+        logger.warning("session %r: records %d..%d were deleted before the conversation "
+                       "fold read them; it starts again at %d", self.name, conv.next,
+                       log.start_offset - 1, log.start_offset)
+        return Conversation(json=conv.json, start=log.start_offset)
+
+    async def _keep_folding(self) -> None:
+        """Once a session has been viewed, its fold follows the records as
+        they become readable, a chunk per turn of the actor's loop, and is
+        saved every ``_CONVO_SAVE_RECORDS``: so the next view, and the first
+        one after a restart, has little left to fold.  A session never viewed
+        (no fold, no convo.snap) pays nothing."""
+        conv, log = self._convo, self.log
+        if conv is None or log is None or conv.next >= self.committed:
+            return
+        conv = self._convo = self._within_retention(conv, log)
+        self._fold_chunk(conv)
+        if conv.next - self._convo_saved >= _CONVO_SAVE_RECORDS:
+            await self._save_convo()
 
     async def _load_convo(self, meta: SessionMeta, log: SegmentLog) -> Conversation:
         """The fold saved in convo.snap if it is of this epoch and within what
@@ -1179,20 +1203,25 @@ class SessionActor:
     async def _fold(self, conv: Conversation) -> None:
         """Fold the committed records from ``conv.next`` on, a chunk at a time."""
         upto = self.committed
-        while conv.next < upto:
-            batch = self.read(conv.next, _FOLD_CHUNK_RECORDS, _FOLD_CHUNK_BYTES)
-            if not batch:
-                break
-            for i in range(len(batch)):
-                kind = (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND
-                if kind == MESSAGE:
-                    continue            # not part of the model: its header is not even read
-                publisher, meta = _fold_header(batch.meta(i))
-                conv.apply(batch.offset(i), kind, publisher, meta, bytes(batch.payload(i)))
-            conv.advance(batch.next_offset)
-            self.folded += len(batch)
+        while conv.next < upto and self._fold_chunk(conv):
             if conv.next < upto:
                 await trio.sleep(0)     # a long first fold lets the other sessions run
+
+    def _fold_chunk(self, conv: Conversation) -> bool:
+        """Fold up to one chunk of the committed records after ``conv.next``;
+        False if there was nothing to read."""
+        batch = self.read(conv.next, _FOLD_CHUNK_RECORDS, _FOLD_CHUNK_BYTES)
+        if not batch:
+            return False
+        for i in range(len(batch)):
+            kind = (batch.flags(i) >> _core.KIND_SHIFT) & MAX_KIND
+            if kind == MESSAGE:
+                continue            # not part of the model: its header is not even read
+            publisher, meta = _fold_header(batch.meta(i))
+            conv.apply(batch.offset(i), kind, publisher, meta, bytes(batch.payload(i)))
+        conv.advance(batch.next_offset)
+        self.folded += len(batch)
+        return True
 
     async def _save_convo(self) -> None:
         conv, meta = self._convo, self.meta

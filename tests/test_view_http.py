@@ -205,10 +205,14 @@ async def test_broker_serve_restarts_from_its_snapshot_and_rebuilds_a_corrupt_on
             assert nxt == cut
             await post_records(h, recs[cut:])
         stop(proc)
-    # Saved on exit at ``cut``, where the view left the fold.  Doctor its copy of
-    # the first message: if a restarted server shows it, it used the file.
+    # Viewed once, the fold followed the records and was saved on exit.
     saved_epoch, conv = read_convo_file(path.read_bytes())
-    assert (saved_epoch, conv.next) == (epoch, cut)
+    assert (saved_epoch, conv.next) == (epoch, len(recs))
+    # Put back a snapshot at ``cut`` (as one saved before a crash would be), with
+    # its copy of the first message doctored: if a restarted server shows it,
+    # it used the file, and it folded the log after it.
+    conv = fold(recs[:cut])
+    assert conv.next == cut
     snap = conv.to_snapshot()
     assert snap["items"][0][1] == "u0"
     snap["items"][0][5] = b"doctored"

@@ -123,7 +123,7 @@ def actor(br: broker.Broker, name: str) -> Any:
 
 # ---------------------------------------------------------------- lazy and incremental
 
-async def test_publishing_folds_nothing_and_a_view_reads_only_what_is_new(
+async def test_publishing_folds_nothing_until_a_view_then_the_fold_follows_the_records(
         tmp_path: Path) -> None:
     recs = script(1)
     async with broker.open_broker(tmp_path, fsync=NEVER) as br:
@@ -138,7 +138,10 @@ async def test_publishing_folds_nothing_and_a_view_reads_only_what_is_new(
         assert v.snapshot == fold(recs[:100]).to_snapshot()
 
         await publish(br, "chat", recs[100:])
-        assert a.folded == 100                       # publishing did not fold
+        # Viewed once, the fold follows the records as the actor writes them,
+        # so the next view has nothing left to read.
+        assert a.folded == len(recs) and a._convo is not None
+        assert a._convo.next == len(recs)
         v = await br.view("chat")
         assert (v.next, a.folded) == (len(recs), len(recs))
         assert v.snapshot == fold(recs).to_snapshot()
@@ -200,14 +203,17 @@ async def test_a_long_log_is_folded_in_chunks_and_saved_as_it_goes(tmp_path: Pat
 async def test_a_restart_resumes_from_the_snapshot(tmp_path: Path) -> None:
     recs = script(3)
     cut = len(recs) // 2
+    snap = tmp_path / "sessions" / "chat" / CONVO_FILE
     async with broker.open_broker(tmp_path) as br:
         await br.create("chat")
         await publish(br, "chat", recs[:cut])
         first = await br.view("chat")
         await publish(br, "chat", recs[cut:])
-    # The actor saved its fold on exit: at ``cut``, where the last view left it.
-    epoch, saved = read_convo_file((tmp_path / "sessions" / "chat" / CONVO_FILE).read_bytes())
-    assert (epoch, saved.next) == (first.epoch, cut)
+    # Viewed once, the fold followed the records; the actor saved it on exit.
+    epoch, saved = read_convo_file(snap.read_bytes())
+    assert (epoch, saved.next) == (first.epoch, len(recs))
+    # A snapshot behind the log (as one saved before a crash would be):
+    snap.write_bytes(convo_file(epoch, fold(recs[:cut])))
 
     async with broker.open_broker(tmp_path) as br:
         v = await br.view("chat")
@@ -333,7 +339,8 @@ async def test_a_fold_that_retention_overtook_starts_at_the_oldest_record(
         tmp_path: Path, early_view: bool) -> None:
     """Records deleted before the fold read them are lost to it: the view is
     then the fold of the records from the oldest one left (its ``start``),
-    which is what a replay from ``-1`` gives."""
+    which is what a replay from ``-1`` gives.  A session viewed early keeps
+    its fold up with the records, so retention does not overtake it."""
     recs = script(8, turns=12)
     async with broker.open_broker(tmp_path, **RETAIN) as br:
         await br.create("chat")
@@ -346,6 +353,11 @@ async def test_a_fold_that_retention_overtook_starts_at_the_oldest_record(
         start = (await br.info("chat")).start_offset
         assert start > 10
         v = await br.view("chat")
+        if early_view:
+            # Viewed early, the fold followed the records before retention
+            # deleted them: the view stays whole, from offset 0.
+            assert v.snapshot == fold(recs).to_snapshot()
+            return
         assert v.snapshot["start"] == start
         assert Conversation.from_snapshot(v.snapshot).view().start == start
         # A replay from -1 reads the records from ``start``: the same fold.
