@@ -20,7 +20,6 @@ without the playwright package, the module is skipped.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -32,17 +31,11 @@ from typing import Any
 
 import pytest
 
+from _chromium import WAIT_MS, launch, require
 from _proxy import ThreadedProxy
 from broker._convo import Conversation
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="the browser tests need the playwright package")
-
-WAIT_MS = 30_000        # a bound for any one step: generous, never an assertion of speed
+sync_api = require()
 
 
 # ------------------------------------------------------------------ fixtures
@@ -71,10 +64,7 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
+    yield from launch(sync_api)
 
 
 @pytest.fixture

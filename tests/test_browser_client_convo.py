@@ -13,7 +13,6 @@ playwright package the module is skipped.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,27 +21,19 @@ from typing import Any
 import msgpack
 import pytest
 
+from _chromium import WAIT_MS, launch, require
 from _serveproc import serving
 from broker._convo import Conversation, Encoder
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api",
-                               reason="the browser tests need the playwright package")
+sync_api = require()
 
-WAIT_MS = 30_000
 RECORDS = "application/vnd.broker.records+msgpack"
 TYPES = {"json": "application/json", "binary": "application/octet-stream"}
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
+    yield from launch(sync_api)
 
 
 @pytest.fixture
