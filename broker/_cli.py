@@ -154,8 +154,8 @@ def resolve_options(flags: dict[str, Any], environ: dict[str, str]) -> ServeOpti
             values[key] = flags[key]
     opts = ServeOptions(**values)
     FsyncPolicy.parse(opts.fsync)          # fail early on a bad policy
-    if opts.deliver not in ("written", "durable"):
-        raise ValueError(f"deliver must be written or durable, not {opts.deliver!r}")
+    # Fail early on a bad delivery mode, by the config's own check.
+    BrokerConfig(deliver=opts.deliver)  # type: ignore[arg-type]
     if bool(opts.tls_cert) != bool(opts.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if not (opts.auth_secret or opts.auth_public_key) and not opts.insecure_no_auth \
