@@ -474,8 +474,7 @@ class SessionActor:
         now at those offsets for the ones they saw."""
         extra = {k: v for k, v in meta.extra.items() if k != "run"}
         fresh = meta.with_(epoch=self._new_epoch(), extra=extra)
-        await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, META_FILE),
-                                      fresh.to_json(), self._cfg.fsync.durable)
+        await self._store_meta(fresh)
         self._state.suspect.discard(self.name)
         logger.warning("session %r: records shown before a machine crash or failed fsync may "
                        "be lost; new epoch %d (was %d)", self.name, fresh.epoch, meta.epoch)
@@ -839,11 +838,17 @@ class SessionActor:
         self._snapshot_at = at
         return {"producers": {"at": at, "state": {k: list(v) for k, v in self._producers.items()}}}
 
+    def _run_recorded(self) -> bool:
+        """Whether meta.json names this run, as it must (durably) before the
+        session shows a record ahead of its fsync (_run.py)."""
+        assert self.meta is not None
+        return self.meta.extra.get("run") == self._state.run
+
     def _meta_updates_due(self) -> bool:
         assert self.meta is not None
         return ((self._seq is not None and self.meta.extra.get("stream_seq") != self._seq)
                 or (self._producers_changed and "producers" not in self.meta.extra)
-                or (self._early and self.meta.extra.get("run") != self._state.run))
+                or (self._early and not self._run_recorded()))
 
     def _meta_updates(self, next_offset: int) -> dict[str, Any]:
         """What meta.json must learn before this commit's acks go out."""
@@ -853,7 +858,7 @@ class SessionActor:
             return updates
         if self._seq is not None and self.meta.extra.get("stream_seq") != self._seq:
             updates["stream_seq"] = self._seq
-        if self._early and self.meta.extra.get("run") != self._state.run:
+        if self._early and not self._run_recorded():
             updates["run"] = self._state.run
         # The first producer on a session needs a snapshot before its ack, so
         # recovery knows to look for stamps; after that, the stamps in the log
@@ -982,8 +987,7 @@ class SessionActor:
         batch.clear()
         self._metas = {}
         self._flags = {}
-        assert self.meta is not None
-        if self._early and self.meta.extra.get("run") == self._state.run:
+        if self._early and self._run_recorded():
             self.committed = self.log.next_offset
             self._wake()
 
