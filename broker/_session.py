@@ -1230,23 +1230,23 @@ class SessionActor:
     async def _save_convo(self) -> None:
         conv, meta = self._convo, self.meta
         assert conv is not None and meta is not None
-        data = convo_file(meta.epoch, conv)
-        try:
-            await trio.to_thread.run_sync(write_atomic, os.path.join(self.directory, CONVO_FILE),
-                                          data, self._cfg.fsync.durable)
-        except OSError as exc:
-            # The snapshot is a shortcut: without it the next actor folds more.
-            logger.warning("session %r: saving %s failed: %s", self.name, CONVO_FILE, exc)
-            return
-        self._convo_saved = conv.next
+        if await trio.to_thread.run_sync(self._write_convo, convo_file(meta.epoch, conv)):
+            self._convo_saved = conv.next
 
     def _save_convo_now(self) -> None:
         """On exit: save the fold if it moved since the last save."""
         conv, meta = self._convo, self.meta
         if conv is None or meta is None or conv.next <= self._convo_saved:
             return
+        if self._write_convo(convo_file(meta.epoch, conv)):
+            self._convo_saved = conv.next
+
+    def _write_convo(self, data: bytes) -> bool:
+        """Replace convo.snap with ``data``; False (logged) if the disk refused.
+        The snapshot is a shortcut: without it the next actor folds more."""
         try:
-            write_atomic(os.path.join(self.directory, CONVO_FILE), convo_file(meta.epoch, conv),
-                         self._cfg.fsync.durable)
+            write_atomic(os.path.join(self.directory, CONVO_FILE), data, self._cfg.fsync.durable)
         except OSError as exc:
             logger.warning("session %r: saving %s failed: %s", self.name, CONVO_FILE, exc)
+            return False
+        return True
